@@ -1,0 +1,202 @@
+"""SEED-Bench-R1 records, the reference prompt, and video/image loading into model inputs.
+
+One code path reads the real benchmark and the toy world (`toy.py`): `--data_root` holds
+`annotations/*.jsonl`, `videos/<video_source>/<video_basename>` and
+`images/<video_source>/<current_observation_basename>`.
+
+    rows = read_jsonl(root / "annotations/training_6k.jsonl")      # errors name file:line
+    examples = [make_example(r, root, seed=0, epoch=0) for r in rows]
+    batch, kept = Collator(processor, VisionSpec())(examples)      # left-padded model inputs
+
+Training rows get 3 distractors sampled from `negative_answers` plus `answer`, shuffled by a
+generator seeded with (seed, epoch, sample_id): the same run sees the same options whatever the
+process count, and a new epoch reshuffles deterministically. Validation rows keep
+`choice_a`…`choice_d` in file order with `golden_choice_idx`.
+
+Departures from the reference code, and why:
+* it shuffles with the global `random` module (options depend on process count and call order);
+  we seed per sample so runs are reproducible and resumable.
+* a missing or corrupt video/image there crashes the step (or qwen-vl-utils silently falls back to
+  another reader); here the sample is skipped with one warning naming the file and counted in
+  `Collator.skipped`, never replaced by another sample.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+THINK_INSTRUCTION = (
+    "Please think about this question as if you were a human pondering deeply. "
+    "Engage in an internal dialogue using expressions such as 'let me think', 'wait', 'Hmm', 'oh, I see', "
+    "'let's break it down', etc, or other natural language thought expressions "
+    "It's encouraged to include self-reflection or verification in the reasoning process. "
+    "Provide your detailed reasoning between the <think> </think> tags, and then give your final answer "
+    "between the <answer> </answer> tags."
+)
+MC_INSTRUCTION = " Please provide only the single option letter (e.g., A, B, C, D, etc.) within the <answer> </answer> tags."
+LETTERS = "ABCD"
+TRAIN_FIELDS = ("sample_id", "video_source", "question", "answer", "negative_answers",
+                "task_progress_metadata", "video_basename", "current_observation_basename")
+VALIDATION_FIELDS = ("sample_id", "video_source", "question", "answer", "task_progress_metadata", "video_basename",
+                     "current_observation_basename", "choice_a", "choice_b", "choice_c", "choice_d", "golden_choice_idx")
+
+
+class DataError(ValueError):
+    """A data file is malformed: the message names the file and line, or the field and sample."""
+
+
+@dataclass(frozen=True)
+class VisionSpec:
+    """How media become pixels (qwen-vl-utils keys). Defaults are the reference's."""
+    video_fps: float = 2.0
+    video_min_frames: int = 4
+    video_max_frames: int = 16
+    video_max_pixels: int = 128 * 28 * 28  # per frame
+    video_min_pixels: int = 128 * 28 * 28  # qwen-vl-utils' own floor for video frames
+    image_max_pixels: int = 256 * 28 * 28
+    image_min_pixels: int = 4 * 28 * 28
+
+
+# ---------------------------------------------------------------------------------------------
+# records
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    rows = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+    return rows
+
+
+def prompt_text(question: str, options: list[str]) -> str:
+    """The reference prompt: no newline between the question and 'Options:', one after the options."""
+    block = question + "Options:\n" + "".join(f"{LETTERS[i]}. {o}\n" for i, o in enumerate(options))
+    return f"{block}\n{THINK_INSTRUCTION}{MC_INSTRUCTION}"
+
+
+def make_example(row: dict, data_root: str | os.PathLike, seed: int = 0, epoch: int = 0,
+                 source: str = "?") -> dict:
+    """One annotation row -> {id, options, solution, prompt, video, image, level info}.
+
+    `source` names the file (and line) for error messages."""
+    validation = "golden_choice_idx" in row
+    for field in VALIDATION_FIELDS if validation else TRAIN_FIELDS:
+        if field not in row:
+            raise DataError(f"{source}: sample_id={row.get('sample_id', '?')}: missing field '{field}'")
+    if validation:
+        options = [row[f"choice_{k}"] for k in "abcd"]
+        solution = row["golden_choice_idx"]
+        assert solution in LETTERS, f"{source}: sample_id={row['sample_id']}: golden_choice_idx={solution!r}"
+    else:
+        assert len(row["negative_answers"]) >= 3, f"{source}: sample_id={row['sample_id']}: fewer than 3 negative_answers"
+        rng = random.Random(f"{seed}/{epoch}/{row['sample_id']}")
+        options = rng.sample(row["negative_answers"], 3) + [row["answer"]]
+        rng.shuffle(options)
+        solution = LETTERS[options.index(row["answer"])]
+    root = Path(data_root)
+    has_video = len(row["task_progress_metadata"]) > 0  # rows at the first step are image-only
+    return dict(
+        id=row["sample_id"], options=options, solution=solution, answer=row["answer"],
+        prompt=prompt_text(row["question"], options), question=row["question"], domain=row.get("domain"),
+        video=str(root / "videos" / row["video_source"] / row["video_basename"]) if has_video else None,
+        image=str(root / "images" / row["video_source"] / row["current_observation_basename"]),
+        cot=row.get("cot"),
+    )
+
+
+def load_examples(path: str | os.PathLike, data_root: str | os.PathLike, seed: int = 0, epoch: int = 0) -> list[dict]:
+    return [make_example(r, data_root, seed, epoch, source=f"{path}") for r in read_jsonl(path)]
+
+
+def messages(example: dict, vision: VisionSpec) -> list[dict]:
+    """Reference content order: [video if any progress, current-observation image, text]."""
+    content = []
+    if example["video"] is not None:
+        content.append(dict(type="video", video=example["video"], fps=vision.video_fps,
+                            min_frames=vision.video_min_frames, max_frames=vision.video_max_frames,
+                            max_pixels=vision.video_max_pixels, min_pixels=vision.video_min_pixels))
+    content.append(dict(type="image", image=example["image"], max_pixels=vision.image_max_pixels,
+                        min_pixels=vision.image_min_pixels))
+    content.append(dict(type="text", text=example["prompt"]))
+    return [dict(role="user", content=content)]
+
+
+# ---------------------------------------------------------------------------------------------
+# media
+def load_media(example: dict, vision: VisionSpec):
+    """(images, videos, video_metadata) for one example. Raises OSError naming the file if unreadable.
+
+    qwen-vl-utils catches any decord error and retries with another reader, which either fails
+    on an unrelated error (torchvision >= 0.25 has no read_video) or hands back what it managed
+    to read. A corrupt file must be a skipped sample with decord's own reason, so we record
+    qwen-vl-utils' warning and refuse any video that decord did not read."""
+    from qwen_vl_utils import process_vision_info
+
+    for path in (example["video"], example["image"]):
+        if path is not None and not os.path.isfile(path):
+            raise OSError(f"{path}: file not found")
+    log, caught = logging.getLogger("qwen_vl_utils.vision_process"), _Caught()
+    log.addHandler(caught)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            images, videos = process_vision_info(messages(example, vision), return_video_metadata=True)
+    except Exception as e:  # noqa: BLE001 - PIL, decord and torchvision each raise their own types
+        raise OSError(f"{example['video'] or example['image']}: cannot decode ({caught.reason or e})") from None
+    finally:
+        log.removeHandler(caught)
+    videos = videos or []  # (frames, metadata) pairs: transformers 5 derives the frame rate from metadata
+    if any(m.get("video_backend") != "decord" for _, m in videos):
+        raise OSError(f"{example['video']}: cannot decode video with decord ({caught.reason})")
+    return images or [], [v for v, _ in videos], [m for _, m in videos]
+
+
+class _Caught(logging.Handler):
+    """Keeps the first line of the last warning (decord's error, as qwen-vl-utils relays it)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.reason = None
+
+    def emit(self, record):
+        self.reason = record.getMessage().strip().splitlines()[0][:300]
+
+
+class Collator:
+    """Examples -> left-padded processor inputs. Unreadable samples are skipped and counted."""
+
+    def __init__(self, processor, vision: VisionSpec | None = None):
+        self.processor, self.vision, self.skipped = processor, vision or VisionSpec(), 0
+        self.processor.tokenizer.padding_side = "left"  # generation appends on the right
+
+    def __call__(self, examples: list[dict]):
+        kept, images, videos, metadata = [], [], [], []
+        for ex in examples:
+            try:
+                im, vi, me = load_media(ex, self.vision)
+            except Exception as e:  # noqa: BLE001 - any unreadable media is a skipped sample
+                self.skipped += 1
+                logging.getLogger("grpo_care").warning("skipping sample %s: %s", ex["id"], e)
+                continue
+            kept.append(ex)
+            images += im
+            videos += vi
+            metadata += me
+        if not kept:
+            return None, []
+        texts = [self.processor.apply_chat_template(messages(ex, self.vision), tokenize=False,
+                                                    add_generation_prompt=True) for ex in kept]
+        # qwen-vl-utils already resized and sampled frames: the processor must not do it again
+        batch = self.processor(text=texts, images=images or None, videos=videos or None,
+                               video_metadata=metadata or None, do_resize=False, do_sample_frames=False, cap_pixels_per_frame=True,
+                               padding=True, return_tensors="pt")
+        return batch, kept

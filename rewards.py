@@ -1,0 +1,147 @@
+"""Rewards of GRPO-CARE: rule-based accuracy and format, group-relative advantages,
+and the consistency bonus that gives CARE its name.
+
+The two-tier reward of the paper (GRPO-CARE, TencentARC) is
+
+    r = accuracy + format + bonus,    bonus = coef * accuracy  if the sample is
+                                      accurate *and* its answer is as likely under the
+                                      slowly moving (EMA) reference model as the
+                                      group's other accurate answers, else 0.
+
+The bonus rewards reasoning that *leads* to the answer: a reference model that reads
+the sampled reasoning should find the answer likely. Plain GRPO is `bonus=None`.
+
+Departures from the reference code (src/r1-v/src/open_r1/{grpo.py,trainer/grpo_trainer_ref_ema.py}):
+- Group statistics of the bonus (mean accuracy, reference confidence level) are taken
+  per group, explicitly. The reference takes them over whatever sits on one device,
+  which is one group only because it runs one prompt per device.
+- A row with no answer token gets confidence 0. The reference divides by
+  `mask.sum() + 1e-6`, so an empty span gets exp(0) = 1, i.e. maximal confidence.
+- The bonus's group means are clamped to the largest value they average: in float32 the
+  mean of G equal values can land one ulp above them (seven 0.9s, twenty-four 0.95s),
+  and then no sample of an all-capped group (the cap makes ties common) would count as
+  confident. The reference has this float trap.
+- An all-equal group gets exactly zero advantage (the reference gives float noise / eps).
+- The reference's length bonus (+0.2 for accurate answers of 320-512 tokens) is left out.
+- Only multiple-choice answers are scored (SEED-Bench-R1): exact letter match.
+"""
+
+import re
+
+import torch
+
+# Non-greedy so the *first* complete <answer>...</answer> pair is the answer.
+_ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+# Used with fullmatch: nothing may precede <think> or follow </answer>. Note the
+# second `.*?` can stretch over "A</answer><answer>B", so two answer tags still
+# count as well formed, as in the reference.
+_FORMAT_RE = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
+
+
+def parse_answer(text: str) -> str | None:
+    """Stripped text inside the first complete `<answer>...</answer>`, or None."""
+    m = _ANSWER_RE.search(text)
+    return m.group(1).strip() if m else None
+
+
+def accuracy_reward(completions: list[str], solutions: list[str]) -> list[float]:
+    """1.0 when the first answer equals the solution's letter, else 0.0.
+
+    Solutions may be "B" or "<answer>B</answer>". The comparison is exact and
+    case-sensitive after stripping whitespace ("b" and "B." are both wrong for "B"),
+    as in the reference.
+    """
+    assert len(completions) == len(solutions), f"{len(completions)} completions vs {len(solutions)} solutions"
+    rewards = []
+    for completion, solution in zip(completions, solutions):
+        gold = parse_answer(solution)
+        gold = solution.strip() if gold is None else gold
+        rewards.append(1.0 if parse_answer(completion) == gold else 0.0)
+    return rewards
+
+
+def format_reward(completions: list[str]) -> list[float]:
+    """1.0 when the whole completion is `<think>...</think> <answer>...</answer>`, else 0.0."""
+    return [1.0 if _FORMAT_RE.fullmatch(c) else 0.0 for c in completions]
+
+
+def total_reward(accuracy: torch.Tensor, format_: torch.Tensor, bonus: torch.Tensor | None = None) -> torch.Tensor:
+    """The two-tier reward `accuracy + format + bonus`; `bonus=None` is plain GRPO."""
+    assert accuracy.shape == format_.shape, f"accuracy {tuple(accuracy.shape)} vs format {tuple(format_.shape)}"
+    if bonus is None:
+        return accuracy + format_
+    assert bonus.shape == accuracy.shape, f"bonus {tuple(bonus.shape)} vs accuracy {tuple(accuracy.shape)}"
+    return accuracy + format_ + bonus
+
+
+def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """GRPO advantages: rewards `(B, G)` normalised within each group of G samples.
+
+    `(r - mean) / (std + eps)` with the unbiased std, as the reference. A group whose
+    rewards are all equal carries no signal and gets exactly zeros, also when G = 1
+    (where the unbiased std is NaN).
+    """
+    assert rewards.dim() == 2, f"rewards must be (B, G), got {tuple(rewards.shape)}"
+    if rewards.shape[-1] == 1:  # a lone sample has nothing to be relative to
+        return torch.zeros_like(rewards)
+    mean = rewards.mean(dim=-1, keepdim=True)  # (B, 1)
+    std = rewards.std(dim=-1, keepdim=True)  # (B, 1), unbiased
+    adv = (rewards - mean) / (std + eps)  # (B, G)
+    # exact zeros: (r - mean) of equal floats is not always 0, and / eps would magnify it
+    flat = (rewards == rewards[:, :1]).all(dim=-1, keepdim=True)  # (B, 1)
+    return torch.where(flat, torch.zeros_like(adv), adv)
+
+
+def answer_confidence(
+    ref_logps: torch.Tensor, answer_mask: torch.Tensor, upper_bound: float | None = 0.95
+) -> torch.Tensor:
+    """Reference model's confidence in each sampled answer, `(N, T)` -> `(N,)`.
+
+    `min(exp(mean ref log-prob over the answer tokens), upper_bound)`: a geometric-mean
+    token probability. The cap (the paper's `confidence_upper_bound`) stops near-certain
+    answers from setting a level the rest of the group cannot reach. Rows with no
+    answer token get 0: with no answer there is nothing to be consistent with.
+    """
+    assert ref_logps.shape == answer_mask.shape, (
+        f"ref_logps {tuple(ref_logps.shape)} vs answer_mask {tuple(answer_mask.shape)}")
+    mask = answer_mask.bool()
+    # where, not multiply: padding may hold -inf, and -inf * 0 is NaN.
+    logps = torch.where(mask, ref_logps.detach().float(), 0.0)  # (N, T)
+    n = mask.sum(dim=-1)  # (N,)
+    conf = torch.exp(logps.sum(dim=-1) / n.clamp(min=1))  # (N,)
+    if upper_bound is not None:
+        conf = conf.clamp(max=upper_bound)
+    return torch.where(n > 0, conf, 0.0)
+
+
+def consistency_bonus(
+    accuracy: torch.Tensor, confidence: torch.Tensor, coef: float = 0.5, margin: float = 0.0
+) -> torch.Tensor:
+    """CARE's consistency bonus, `(B, G)` tensors -> `(B, G)`.
+
+    Per group of G samples of one prompt:
+    - accurate  = acc > 0.1 and acc >= the group's mean acc (ties at the mean count);
+    - level     = mean confidence of the group's accurate samples;
+    - confident = confidence >= level - margin (the margin spares samples just below);
+    - bonus     = coef * acc where accurate and confident, else 0.
+    A group with no accurate sample gets zeros. The reference computes these means over
+    everything on one device (one group there, one prompt per device); here they are
+    per group, so groups never influence each other's bonus.
+    """
+    assert accuracy.shape == confidence.shape, (
+        f"accuracy {tuple(accuracy.shape)} vs confidence {tuple(confidence.shape)}")
+    assert accuracy.dim() == 2, f"expected (B, G), got {tuple(accuracy.shape)}"
+    # A mean never exceeds its largest term; clamping removes the one-ulp overshoot
+    # that would otherwise drop exact ties (all-correct groups, capped confidences).
+    mean_acc = accuracy.mean(dim=-1, keepdim=True)  # (B, 1)
+    mean_acc = torch.minimum(mean_acc, accuracy.amax(dim=-1, keepdim=True))  # (B, 1)
+    accurate = (accuracy > 0.1) & (accuracy >= mean_acc)  # (B, G)
+
+    conf_acc = torch.where(accurate, confidence, 0.0)  # (B, G)
+    n_acc = accurate.sum(dim=-1, keepdim=True)  # (B, 1)
+    level = conf_acc.sum(dim=-1, keepdim=True) / n_acc.clamp(min=1)  # (B, 1)
+    top = torch.where(accurate, confidence, -torch.inf).amax(dim=-1, keepdim=True)  # (B, 1)
+    level = torch.minimum(level, top)  # (B, 1)
+    confident = confidence >= level - margin  # (B, G)
+
+    return torch.where(accurate & confident, coef * accuracy, 0.0)  # (B, G)

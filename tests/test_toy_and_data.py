@@ -1,0 +1,157 @@
+"""The foundation: the toy Qwen2.5-VL round-trips through plain transformers, and data.py reads
+SEED-Bench-R1 rows (the toy's, which share the real layout) into the reference prompt."""
+import json
+import shutil
+
+import pytest
+import torch
+
+import data
+import toy
+from data import Collator, DataError, load_examples, make_example, prompt_text, read_jsonl
+
+TRAIN_ROW = dict(
+    sample_id=7, video_source="EpicKitchens", video_id="v7", task_goal="wash the dishes",
+    question="What next?", answer="dry the red cup",
+    negative_answers=["dry the blue cup", "dry the green cup", "dry the yellow cup", "dry the purple cup"],
+    task_progress_metadata=[dict(narration_text="rinse", start_frame=0, stop_frame=3)],
+    video_basename="v7.mp4", current_observation_basename="v7.png")
+
+
+def test_toy_model_round_trips_and_renders_qwen_chat(toy_world, toy_model):
+    model, processor = toy_model
+    assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    assert type(processor).__name__ == "Qwen2_5_VLProcessor"
+    assert model.config.vision_config.patch_size == 14 and model.config.vision_config.spatial_merge_size == 2
+    msgs = [dict(role="user", content=[dict(type="video", video="v.mp4"), dict(type="image", image="i.png"),
+                                       dict(type="text", text="Hi?")])]
+    text = processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    # Qwen2.5-VL-Instruct's rendering: default system turn, video then image placeholders, text, assistant turn.
+    assert text == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+                    "<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>"
+                    "<|vision_start|><|image_pad|><|vision_end|>Hi?<|im_end|>\n<|im_start|>assistant\n")
+    tok = processor.tokenizer
+    for special in toy.SPECIAL_TOKENS:  # each special token is one id, never split by BPE
+        assert len(tok(special, add_special_tokens=False).input_ids) == 1, special
+    assert tok.decode(tok("<think>a</think><answer>B</answer>").input_ids) == "<think>a</think><answer>B</answer>"
+
+
+def test_forward_with_video_and_image(toy_world, toy_model, toy_vision):
+    model, processor = toy_model
+    examples = [e for e in load_examples(toy_world / "data/annotations/validation_L1.jsonl", toy_world / "data")
+                if e["video"] is not None][:2]
+    batch, kept = Collator(processor, toy_vision)(examples)
+    assert len(kept) == 2
+    # 4 frames of 56x56 -> grid (2, 4, 4) -> 32 patches / merge 4 = 8 video tokens; an image = 4 tokens
+    assert batch["video_grid_thw"].tolist() == [[2, 4, 4]] * 2
+    assert batch["image_grid_thw"].tolist() == [[1, 4, 4]] * 2
+    assert (batch["input_ids"] == model.config.video_token_id).sum().item() == 16
+    assert (batch["attention_mask"][:, -1] == 1).all(), "left padding: the last position is real for every row"
+    with torch.no_grad():
+        logits = model(**batch).logits
+    assert logits.shape == (2, batch["input_ids"].shape[1], model.config.text_config.vocab_size)
+    assert torch.isfinite(logits).all()
+
+
+def test_toy_is_deterministic_and_cached(tmp_path):
+    a = toy.build(tmp_path / "a", seed=3, n_train=6, n_val=4)
+    b = toy.build(tmp_path / "b", seed=3, n_train=6, n_val=4)
+    for name in ("training_6k.jsonl", "validation_L3.jsonl", "training_with_cot_6k.jsonl"):
+        assert (a / "data/annotations" / name).read_text() == (b / "data/annotations" / name).read_text()
+    stamp = (a / "model/model.safetensors").stat().st_mtime
+    toy.build(tmp_path / "a", seed=3, n_train=6, n_val=4)  # same spec: reused, not rebuilt
+    assert (a / "model/model.safetensors").stat().st_mtime == stamp
+
+
+def test_toy_data_has_the_seed_bench_r1_layout(toy_world):
+    ann = toy_world / "data/annotations"
+    train = read_jsonl(ann / "training_6k.jsonl")
+    for r in train:
+        assert set(data.TRAIN_FIELDS) | {"video_id", "task_goal"} <= set(r)
+        assert len(r["negative_answers"]) >= 3 and r["answer"] not in r["negative_answers"]
+    assert any(not r["task_progress_metadata"] for r in train), "some rows are image-only, as in the real data"
+    l3 = read_jsonl(ann / "validation_L3.jsonl")
+    assert {r["domain"] for r in l3} == {"Daily life", "Hobbies", "Recreation", "Work"}
+    for r in l3:
+        assert r[f"choice_{r['golden_choice_idx'].lower()}"] == r["answer"]
+        assert (toy_world / "data/images" / r["video_source"] / r["current_observation_basename"]).is_file()
+    cot = read_jsonl(ann / "training_with_cot_6k.jsonl")
+    r = cot[0]
+    assert r["answer"].split(" the ")[1].split()[0] in r["cot"], "the reasoning names the colour cue"
+
+
+def test_prompt_is_the_reference_text():
+    golden = ("What next?Options:\nA. x\nB. y\nC. z\nD. w\n\n"
+              "Please think about this question as if you were a human pondering deeply. Engage in an internal "
+              "dialogue using expressions such as 'let me think', 'wait', 'Hmm', 'oh, I see', 'let's break it "
+              "down', etc, or other natural language thought expressions It's encouraged to include "
+              "self-reflection or verification in the reasoning process. Provide your detailed reasoning between "
+              "the <think> </think> tags, and then give your final answer between the <answer> </answer> tags. "
+              "Please provide only the single option letter (e.g., A, B, C, D, etc.) within the <answer> </answer> tags.")
+    assert prompt_text("What next?", ["x", "y", "z", "w"]) == golden
+
+
+def test_training_options_are_seeded_and_reshuffle_per_epoch():
+    a = make_example(TRAIN_ROW, "/root", seed=0, epoch=0)
+    assert make_example(TRAIN_ROW, "/root", seed=0, epoch=0)["options"] == a["options"]
+    assert a["options"][ord(a["solution"]) - 65] == "dry the red cup"
+    assert len(set(a["options"])) == 4 and set(a["options"]) <= {TRAIN_ROW["answer"], *TRAIN_ROW["negative_answers"]}
+    epochs = {tuple(make_example(TRAIN_ROW, "/root", seed=0, epoch=e)["options"]) for e in range(8)}
+    assert len(epochs) > 1, "a new epoch draws new options"
+    assert a["video"] == "/root/videos/EpicKitchens/v7.mp4" and a["image"] == "/root/images/EpicKitchens/v7.png"
+
+
+def test_validation_rows_keep_file_order_and_image_only_rows_have_no_video():
+    row = dict(TRAIN_ROW, task_progress_metadata=[], choice_a="p", choice_b="q", choice_c="dry the red cup",
+               choice_d="s", golden_choice_idx="C", domain="Work")
+    ex = make_example(row, "/root")
+    assert ex["options"] == ["p", "q", "dry the red cup", "s"] and ex["solution"] == "C"
+    assert ex["video"] is None and ex["domain"] == "Work"
+    content = data.messages(ex, data.VisionSpec())[0]["content"]
+    assert [c["type"] for c in content] == ["image", "text"]
+    content = data.messages(make_example(TRAIN_ROW, "/r"), data.VisionSpec())[0]["content"]
+    assert [c["type"] for c in content] == ["video", "image", "text"], "reference order: video, image, text"
+
+
+def test_malformed_line_names_file_and_line(tmp_path):
+    f = tmp_path / "bad.jsonl"
+    f.write_text(json.dumps(TRAIN_ROW) + "\n" + '{"sample_id": 8, "question": \n')
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: malformed JSON"):
+        read_jsonl(f)
+
+
+def test_missing_field_names_field_and_sample(tmp_path):
+    row = dict(TRAIN_ROW)
+    del row["negative_answers"]
+    (tmp_path / "a.jsonl").write_text(json.dumps(row) + "\n")
+    with pytest.raises(DataError, match=r"sample_id=7: missing field 'negative_answers'"):
+        load_examples(tmp_path / "a.jsonl", tmp_path)
+
+
+def test_corrupt_video_and_missing_image_are_skipped_and_counted(toy_world, toy_model, toy_vision, tmp_path, caplog):
+    _, processor = toy_model
+    examples = [e for e in load_examples(toy_world / "data/annotations/validation_L2.jsonl", toy_world / "data")
+                if e["video"] is not None][:3]
+    broken = tmp_path / "broken.mp4"
+    raw = open(examples[0]["video"], "rb").read()
+    broken.write_bytes(raw[: len(raw) // 2])  # truncated mid-stream, like an interrupted download
+    examples[0] = dict(examples[0], video=str(broken))
+    examples[1] = dict(examples[1], image=str(tmp_path / "nowhere.png"))
+    collate = Collator(processor, toy_vision)
+    batch, kept = collate(examples)
+    assert [e["id"] for e in kept] == [examples[2]["id"]], "bad samples dropped, never replaced"
+    assert batch["input_ids"].shape[0] == 1 and collate.skipped == 2
+    text = caplog.text
+    assert "broken.mp4" in text and "nowhere.png: file not found" in text
+    assert collate(examples[:2]) == (None, []) and collate.skipped == 4
+
+
+def test_images_are_resized_as_configured(toy_world, toy_model):
+    _, processor = toy_model
+    ex = load_examples(toy_world / "data/annotations/validation_L1.jsonl", toy_world / "data")[0]
+    # the reference cap, 256*28*28 px: the 56x56 toy image is kept (it is above the 4*28*28 floor)
+    batch, _ = Collator(processor, data.VisionSpec())([dict(ex, video=None)])
+    assert batch["image_grid_thw"].tolist() == [[1, 4, 4]]
+    # a floor of 16*28*28 px upsamples it to 112x112 = 8x8 patches
+    batch, _ = Collator(processor, data.VisionSpec(image_min_pixels=16 * 28 * 28))([dict(ex, video=None)])
+    assert batch["image_grid_thw"].tolist() == [[1, 8, 8]]

@@ -1,0 +1,307 @@
+"""The toy world: a tiny but real Qwen2.5-VL and a data set in the exact SEED-Bench-R1 layout.
+
+Nobody can download Qwen2.5-VL-7B or SEED-Bench-R1 on a CPU-only CI machine, yet every code path
+(the transformers classes, the processor and chat template, qwen-vl-utils + decord video decoding,
+FSDP2) must be the one that trains them. So this file builds, from nothing and offline:
+
+* a `Qwen2_5_VLForConditionalGeneration` with a tiny config (real patch 14, merge 2, temporal
+  patch 2), a `Qwen2TokenizerFast` trained here on the toy corpus with Qwen's special tokens, and a
+  `Qwen2_5_VLProcessor` whose chat template is Qwen2.5-VL-Instruct's, saved with
+  `save_pretrained` to `DIR/model`;
+* `DIR/data/{annotations,videos,images}` laid out like SEED-Bench-R1, where the right next action
+  is decidable from the pixels: the current-observation image shows one coloured object on a
+  background and the answer is "<verb> the <colour> <object>"; the distractors differ only in
+  the colour. The progress video shows the objects already handled.
+  Levels: L1 = training distribution (EpicKitchens, grey kitchens); L2 = new environment (other
+  background palette, object elsewhere in the frame); L3 = Ego4D, new tasks, four domains.
+
+Run:  python toy.py --out DIR [--seed 0] [--n_train 240] [--force]
+The 7B run uses the same code with `--model_path Qwen/Qwen2.5-VL-7B-Instruct --data_root <SEED-Bench-R1>`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+# Qwen2.5-VL-Instruct's chat template, verbatim: default system turn, one
+# <|vision_start|><|image_pad|><|vision_end|> per image, <|video_pad|> per video, text in order.
+QWEN25_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture "
+    "{{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video "
+    "{{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# The Qwen special tokens, in Qwen's own id order (ids differ: the toy vocabulary is small).
+SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+]
+
+COLOURS = {
+    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
+    "yellow": (235, 215, 40), "purple": (140, 60, 180), "orange": (245, 140, 30),
+}
+# (verb, object) per task goal. Training and L1/L2 use the kitchen tasks; L3 brings new ones.
+KITCHEN_TASKS = {
+    "make a fruit salad": [("pick up", "bowl"), ("cut", "fruit"), ("wash", "knife")],
+    "wash the dishes": [("rinse", "plate"), ("dry", "cup"), ("put away", "pan")],
+    "cook some pasta": [("fill", "pot"), ("stir", "sauce"), ("open", "jar")],
+}
+L3_TASKS = {  # domain -> task goal -> steps
+    "Daily life": {"tidy the bedroom": [("fold", "towel"), ("hang", "shirt")]},
+    "Hobbies": {"paint a picture": [("dip", "brush"), ("squeeze", "tube")]},
+    "Recreation": {"play in the park": [("throw", "ball"), ("catch", "frisbee")]},
+    "Work": {"sort the paperwork": [("file", "folder"), ("staple", "sheet")]},
+}
+# Environment = background colour and where the object sits: L2 and L3 change it.
+ENVIRONMENTS = {
+    "kitchen": dict(bg=[(110, 110, 110), (125, 125, 120)], box=(14, 14, 42, 42)),
+    "new_kitchen": dict(bg=[(70, 45, 25), (60, 60, 90)], box=(4, 20, 32, 48)),
+    "outdoors": dict(bg=[(30, 90, 40), (150, 150, 170)], box=(24, 8, 52, 36)),
+}
+QUESTION = ("Considering the progress shown in the video and my current observation in the last "
+            "frame, what action should I take next in order to {goal}?")
+FRAME = 56  # pixels; 56 = 2 merged patches of 28, so an image is 2x2 = 4 vision tokens
+# data.VisionSpec fields for the toy: keep frames at 56x56 (4 tokens per image, 8 per 4-frame video).
+TOY_VISION = dict(video_max_pixels=FRAME * FRAME, video_min_pixels=FRAME * FRAME, image_max_pixels=FRAME * FRAME,
+                  image_min_pixels=FRAME * FRAME, video_max_frames=4)
+
+
+# ---------------------------------------------------------------------------------------------
+# pixels
+def _frame(colour: str | None, env: str, rng: random.Random) -> np.ndarray:
+    e = ENVIRONMENTS[env]
+    img = np.empty((FRAME, FRAME, 3), np.uint8)
+    img[:] = rng.choice(e["bg"])
+    if colour is not None:
+        x0, y0, x1, y1 = e["box"]
+        img[y0:y1, x0:x1] = COLOURS[colour]
+    return img
+
+
+def _write_video(path: Path, frames: list[np.ndarray], fps: int = 2) -> None:
+    import av  # lazy: only the toy builder writes videos
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=fps)  # mpeg4 part 2: in every ffmpeg build
+        stream.width, stream.height, stream.pix_fmt = FRAME, FRAME, "yuv420p"
+        stream.options = {"qscale": "2"}
+        for f in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def _write_png(path: Path, frame: np.ndarray) -> None:
+    from PIL import Image
+
+    Image.fromarray(frame).save(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# annotations
+def cot_text(colour: str, action: str) -> str:
+    """The toy chain of thought: it names the visual cue and the action the cue implies."""
+    return (f"Let me think. In my current observation I see the {colour} object, "
+            f"so the next step is to {action}.")
+
+
+def _make_row(rng, idx, source, env, goal, steps, data: Path, domain=None, validation=False):
+    verb, obj = rng.choice(steps)
+    colours = list(COLOURS)
+    rng.shuffle(colours)
+    target, done = colours[0], colours[1:1 + rng.randint(0, 3)]  # 0 done steps: image-only row
+    answer = f"{verb} the {target} {obj}"
+    negatives = [f"{verb} the {c} {obj}" for c in colours[1:]]
+    vid = f"{source.lower()}_{idx:05d}"
+    row = dict(sample_id=idx, video_source=source, video_id=vid, task_goal=goal,
+               question=QUESTION.format(goal=goal), answer=answer, negative_answers=negatives,
+               task_progress_metadata=[
+                   dict(narration_text=f"{verb} the {c} {obj}", start_frame=4 * i, stop_frame=4 * i + 3)
+                   for i, c in enumerate(done)],
+               video_basename=f"{vid}.mp4", current_observation_basename=f"{vid}.png")
+    image = _frame(target, env, rng)
+    _write_png(data / "images" / source / row["current_observation_basename"], image)
+    if done:  # as in the real data, rows with no progress yet have no video
+        frames = [_frame(c, env, rng) for c in done for _ in range(2)] + [image, image]
+        _write_video(data / "videos" / source / row["video_basename"], frames)
+    if validation:
+        options = [answer] + rng.sample(negatives, 3)
+        rng.shuffle(options)
+        row.update({f"choice_{k}": o for k, o in zip("abcd", options)})
+        row["golden_choice_idx"] = "ABCD"[options.index(answer)]
+    if domain is not None:
+        row["domain"] = domain
+    return row, cot_text(target, answer)
+
+
+def build_data(data: Path, seed: int = 0, n_train: int = 240, n_val: int = 24) -> None:
+    rng = random.Random(seed)
+    for sub in ("annotations", "videos/EpicKitchens", "videos/Ego4D", "images/EpicKitchens", "images/Ego4D"):
+        (data / sub).mkdir(parents=True, exist_ok=True)
+    kitchen = [(g, s) for g, s in KITCHEN_TASKS.items()]
+    idx = 0
+    train, cot = [], []
+    for _ in range(n_train):
+        goal, steps = rng.choice(kitchen)
+        source = "EpicKitchens" if rng.random() < 0.8 else "Ego4D"
+        row, c = _make_row(rng, idx, source, "kitchen", goal, steps, data)
+        train.append(row)
+        cot.append(dict(row, cot=c))
+        idx += 1
+    levels = {}
+    for level, env in (("L1", "kitchen"), ("L2", "new_kitchen")):
+        levels[level] = []
+        for _ in range(n_val):
+            goal, steps = rng.choice(kitchen)
+            levels[level].append(_make_row(rng, idx, "EpicKitchens", env, goal, steps, data, validation=True)[0])
+            idx += 1
+    levels["L3"] = []
+    for i in range(n_val):
+        domain = list(L3_TASKS)[i % 4]
+        goal, steps = next(iter(L3_TASKS[domain].items()))
+        levels["L3"].append(_make_row(rng, idx, "Ego4D", "outdoors", goal, steps, data, domain, True)[0])
+        idx += 1
+    _write_jsonl(data / "annotations" / "training_6k.jsonl", train)
+    _write_jsonl(data / "annotations" / "training_with_cot_6k.jsonl", cot)
+    for level, rows in levels.items():
+        _write_jsonl(data / "annotations" / f"validation_{level}.jsonl", rows)
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
+def corpus_texts(data: Path) -> list[str]:
+    """Every string the toy model will read or write, to train its tokenizer on."""
+    from data import MC_INSTRUCTION, THINK_INSTRUCTION  # the prompt words are data.py's
+
+    texts = [THINK_INSTRUCTION, MC_INSTRUCTION, "You are a helpful assistant.", "system\nuser\nassistant\n",
+             "<think> </think> <answer>A</answer><answer>B</answer><answer>C</answer><answer>D</answer>",
+             "Options:\nA. \nB. \nC. \nD. \n"]
+    for f in sorted((data / "annotations").glob("*.jsonl")):
+        for line in f.read_text().splitlines():
+            r = json.loads(line)
+            texts += [r["question"], r["answer"], *r["negative_answers"], r.get("cot", "")]
+    return texts
+
+
+# ---------------------------------------------------------------------------------------------
+# model
+def build_tokenizer(texts: list[str], vocab_size: int = 640):
+    """A byte-level BPE trained here, wrapped in Qwen's tokenizer class with Qwen's special tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import Qwen2TokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    bpe.train_from_iterator(texts, trainer)
+    state = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
+    tok = Qwen2TokenizerFast(vocab=state["vocab"], merges=merges, unk_token=None, bos_token=None,
+                             eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS})
+    tok.model_max_length = 32768
+    return tok
+
+
+def build_processor(tokenizer):
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+    # Qwen2.5-VL-7B-Instruct's preprocessor_config: CLIP mean/std, patch 14, merge 2, temporal 2.
+    pix = dict(size={"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280}, patch_size=14,
+               temporal_patch_size=2, merge_size=2, image_mean=[0.48145466, 0.4578275, 0.40821073],
+               image_std=[0.26862954, 0.26130258, 0.27577711])
+    return Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**pix), video_processor=Qwen2VLVideoProcessor(**pix),
+                               tokenizer=tokenizer, chat_template=QWEN25_VL_CHAT_TEMPLATE)
+
+
+def build_model(tokenizer, seed: int = 0, hidden: int = 64, layers: int = 2, vocab_size: int | None = None):
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    vocab = vocab_size or (len(tokenizer) + 63) // 64 * 64
+    heads = 4
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=2,
+                         max_position_embeddings=32768, rope_theta=1e6, tie_word_embeddings=True,
+                         # mrope splits head_dim/2 rotary pairs into (time, height, width), as 16:24:24 in 7B
+                         rope_scaling={"type": "mrope", "mrope_section": _mrope_section(hidden // heads)},
+                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                         pad_token_id=ids["<|endoftext|>"]),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                           fullatt_block_indexes=[1], tokens_per_second=2),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    return model
+
+
+def _mrope_section(head_dim: int) -> list[int]:
+    half = head_dim // 2
+    t = half // 4
+    return [t, (half - t) // 2, half - t - (half - t) // 2]
+
+
+def build(out: str | os.PathLike, seed: int = 0, n_train: int = 240, n_val: int = 24, force: bool = False) -> Path:
+    """Build (or reuse) the toy world in `out`; returns the path. `out/model` and `out/data`."""
+    out = Path(out)
+    stamp = out / "toy.json"
+    spec = dict(seed=seed, n_train=n_train, n_val=n_val, version=1)
+    if not force and stamp.exists() and json.loads(stamp.read_text()) == spec:
+        return out
+    if out.exists():
+        shutil.rmtree(out)
+    build_data(out / "data", seed, n_train, n_val)
+    tok = build_tokenizer(corpus_texts(out / "data"))
+    processor = build_processor(tok)
+    model = build_model(tok, seed)
+    model.save_pretrained(out / "model")
+    processor.save_pretrained(out / "model")
+    stamp.write_text(json.dumps(spec))  # written last: a half-built world is rebuilt next time
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, help="directory for model/ and data/")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n_train", type=int, default=240)
+    p.add_argument("--n_val", type=int, default=24, help="rows per validation level")
+    p.add_argument("--force", action="store_true", help="rebuild even if a matching build exists")
+    a = p.parse_args()
+    out = build(a.out, a.seed, a.n_train, a.n_val, a.force)
+    print(f"toy world in {out}: model/ and data/")
+
+
+if __name__ == "__main__":
+    main()
