@@ -1,16 +1,47 @@
-"""GRPO-CARE training: the Config and the training loop come below the core math.
+"""GRPO-CARE training: the config, the core math of the update, and one straight loop.
+
+    ./train.sh                                   # toy world, CPU, a few minutes
+    accelerate launch grpo_care.py --model_path Qwen/Qwen2.5-VL-7B-Instruct --data_root SEED-Bench-R1
+    accelerate launch --config_file configs/fsdp_8gpu.yaml grpo_care.py ...   # one node, 8 GPUs
+
+One step: each process takes `prompts_per_device` prompts, samples G completions per prompt,
+scores them (accuracy + format + CARE's consistency bonus from the EMA reference), turns the
+rewards into group-relative advantages, and takes `num_iterations` clipped policy-gradient steps.
+Every `ref_ema_every` steps the EMA reference moves toward the policy.
+
+The policy and the reference are always wrapped with FSDP2 `fully_shard` (per vision block, the
+vision tower, per decoder layer, then the root), also for one process: one code path, and FSDP2's
+mixed-precision policy gives bf16 compute over fp32 master weights on GPU. On CPU the group is gloo.
+
+Departures from the paper / reference code (TencentARC/GRPO-CARE), and why:
+- The reference runs DeepSpeed ZeRO-3 through TRL's trainer; here FSDP2 and a plain loop.
+- The EMA reference is held in fp32 (the reference lerps in bf16, where small updates vanish).
+- The reference re-encodes the video for each of the G samples in every pass, and builds logits
+  over the prompt; here vision is encoded once per prompt per set of weights and only completion
+  log-probs are formed, in chunks (rollout.py).
+- Sampling is seeded per (run seed, step, sample id), so rollouts do not depend on how prompts
+  are spread over processes, nor on whether the run was resumed.
+- The policy loss keeps PPO's clip, which is inactive at `num_iterations=1` (the reference).
+- No length bonus (the reference adds +0.2 for accurate answers of 320-512 tokens by default).
 
 Core math of the update, as pure functions (tensors in, tensors out, no model, no config):
-- `policy_loss`: the clipped GRPO surrogate with optional k3 KL. The reference runs one
-  update per rollout (old = current policy), where clipping never acts; keeping the clip
-  lets a run reuse a rollout for several updates. With `old_logps = logps.detach()` it
-  is exactly the reference's loss. The reference clamps `ref - logp` to [-10, 10] inside
-  the KL; we do not, so the KL is the plain k3 estimator. An all-masked row counts as
-  zero (the reference would divide by 0).
-- `ema_update_`: the EMA reference model. The reference lerps in the reference model's
-  own dtype (bf16 when loaded in bf16), where small updates round away; we keep the EMA
-  in fp32 and update FSDP2 shards locally.
+- `policy_loss`: the clipped GRPO surrogate with optional k3 KL. With `old_logps = logps.detach()`
+  it is exactly the reference's loss. The reference clamps `ref - logp` to [-10, 10] inside the KL;
+  we do not, so the KL is the plain k3 estimator. An all-masked row counts as zero (the reference
+  would divide by 0).
+- `ema_update_`: the EMA reference model update, shard-local under FSDP2.
 """
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -65,3 +96,422 @@ def ema_update_(ema_params, params, decay):
         p = p.to_local() if isinstance(p, DTensor) else p
         assert ema.shape == p.shape, f"EMA shard {tuple(ema.shape)} vs param shard {tuple(p.shape)}"
         ema.lerp_(p.to(ema.dtype), 1.0 - decay)
+
+
+# --- config ---
+
+
+@dataclass
+class Config:
+    # model and data (leave model_path empty for the built-in toy world)
+    model_path: str | None = field(default=None, metadata={"help": "save_pretrained dir or hub id; empty = toy world"})
+    data_root: str | None = field(default=None, metadata={"help": "SEED-Bench-R1 root (annotations/, videos/, images/)"})
+    train_file: str = field(default="annotations/training_6k.jsonl", metadata={"help": "relative to data_root"})
+    output_dir: str = field(default="outputs/grpo_care", metadata={"help": "checkpoints, metrics.jsonl, curves.png"})
+    toy_dir: str = field(default=".cache/toy", metadata={"help": "where the toy world is built when model_path is empty"})
+    seed: int = field(default=42, metadata={"help": "seeds data order, option shuffles and sampling"})
+    # rollouts
+    num_generations: int = field(default=8, metadata={"help": "G, samples per prompt"})
+    prompts_per_device: int = field(default=1, metadata={"help": "prompts per process per step"})
+    max_new_tokens: int = field(default=768, metadata={"help": "completion budget"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
+    top_p: float = field(default=0.95, metadata={"help": "nucleus sampling"})
+    logprob_chunk: int = field(default=256, metadata={"help": "completion tokens per LM-head chunk"})
+    # the update
+    learning_rate: float = field(default=1e-6, metadata={"help": "peak learning rate, cosine decay to 0"})
+    warmup_ratio: float = field(default=0.0, metadata={"help": "linear warm-up fraction of the steps"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
+    max_grad_norm: float = field(default=5.0, metadata={"help": "gradient clipping"})
+    num_iterations: int = field(default=1, metadata={"help": "mu, updates per rollout (1 = the reference)"})
+    clip_eps: float = field(default=0.2, metadata={"help": "PPO clip range (inactive when mu = 1)"})
+    beta: float = field(default=0.0, metadata={"help": "k3 KL weight to the reference (the reference: 0)"})
+    num_epochs: int = field(default=1, metadata={"help": "passes over the training file"})
+    max_steps: int = field(default=-1, metadata={"help": "stop after this many steps (-1: the epochs decide)"})
+    # CARE
+    use_care: bool = field(default=True, metadata={"help": "consistency bonus from the EMA reference; false = GRPO"})
+    bonus_coefficient: float = field(default=0.5, metadata={"help": "bonus = coef * accuracy"})
+    confidence_upper_bound: float = field(default=0.95, metadata={"help": "cap on the reference's answer confidence"})
+    consistency_margin: float = field(default=0.0, metadata={"help": "confident = conf >= level - margin"})
+    ref_ema_decay: float = field(default=0.995, metadata={"help": "EMA decay of the reference"})
+    ref_ema_every: int = field(default=10, metadata={"help": "steps between EMA updates"})
+    # media (qwen-vl-utils)
+    video_fps: float = field(default=2.0, metadata={"help": "frames sampled per second"})
+    video_min_frames: int = field(default=4, metadata={"help": "fewest frames per video"})
+    video_max_frames: int = field(default=16, metadata={"help": "most frames per video"})
+    video_max_pixels: int = field(default=128 * 28 * 28, metadata={"help": "pixels per video frame (max)"})
+    video_min_pixels: int = field(default=128 * 28 * 28, metadata={"help": "pixels per video frame (min)"})
+    image_max_pixels: int = field(default=256 * 28 * 28, metadata={"help": "pixels per image (max)"})
+    image_min_pixels: int = field(default=4 * 28 * 28, metadata={"help": "pixels per image (min)"})
+    # system
+    bf16: bool | None = field(default=None, metadata={"help": "bf16 compute over fp32 weights; default: on GPU"})
+    gradient_checkpointing: bool | None = field(default=None, metadata={"help": "default: on GPU"})
+    attn_implementation: str | None = field(default=None, metadata={"help": "default: flash_attention_2 if installed, else sdpa"})
+    save_steps: int = field(default=500, metadata={"help": "checkpoint every N steps (and at the end)"})
+    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "checkpoint dir, or 'latest'"})
+    report_to: str = field(default="none", metadata={"help": "'tensorboard' to also write event files"})
+
+
+# The toy world's sizes, applied when --model_path is empty to every field not given on the command line.
+TOY_DEFAULTS = dict(max_new_tokens=48, learning_rate=2e-4, warmup_ratio=0.0, save_steps=20, max_steps=30,
+                    ref_ema_every=2, ref_ema_decay=0.9, output_dir="outputs/toy")
+
+
+def parse_config(argv: list[str] | None = None) -> Config:
+    from transformers import HfArgumentParser
+
+    argv = sys.argv[1:] if argv is None else argv
+    (cfg,) = HfArgumentParser(Config).parse_args_into_dataclasses(args=argv)
+    if not cfg.model_path:
+        import toy
+
+        given = {a.lstrip("-").split("=")[0] for a in argv if a.startswith("--")}
+        for k, v in {**TOY_DEFAULTS, **toy.TOY_VISION}.items():
+            if k not in given:
+                setattr(cfg, k, v)
+    return cfg
+
+
+# --- distributed set-up (the same lines for 1 process and N, GPU or CPU) ---
+
+
+def setup_distributed():
+    """Accelerate sets up device and process group; a lone process gets a 1-rank group so that
+    FSDP2 wraps it like any other (one code path)."""
+    import torch.distributed as dist
+    from accelerate import Accelerator
+
+    acc = Accelerator(cpu=not torch.cuda.is_available())  # cpu=True: gloo group under a multi-process launch
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return acc
+
+
+def load_model(path, cfg: Config, device, trainable: bool):
+    """A Qwen2.5-VL in fp32 (master weights), sharded with FSDP2; compute in bf16 when cfg.bf16."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        path, dtype=torch.float32, attn_implementation=cfg.attn_implementation)
+    if trainable and cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    model.requires_grad_(trainable)
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if cfg.bf16 else None, reduce_dtype=torch.float32)
+    for block in model.model.visual.blocks:
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model.model.visual, mesh=mesh, mp_policy=mp)  # gathered only while vision is encoded
+    for layer in model.model.language_model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    # FSDP2 keeps the root unsharded after forward, for backward; a frozen model has no backward to reshard it
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=not trainable)
+    for method in ("get_image_features", "get_video_features"):  # rollout.py encodes vision on its own
+        register_fsdp_forward_method(model, method)
+    return model.to(device)
+
+
+def rank0_print(*args):
+    import torch.distributed as dist
+
+    if dist.get_rank() == 0:
+        print(*args, flush=True)
+
+
+# --- checkpoints: policy as save_pretrained, training state via torch.distributed.checkpoint ---
+
+
+def save_checkpoint(out: Path, step: int, policy, ref, optimizer, scheduler, processor, cfg: Config) -> Path:
+    """Writes `checkpoint-<step>` under a temporary name and renames it when complete."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+
+    final, tmp = out / f"checkpoint-{step}", out / f"checkpoint-{step}.tmp"
+    rank = dist.get_rank()
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    model_sd, optim_sd = get_state_dict(policy, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    if ref is not None:
+        state["ref"] = get_model_state_dict(ref)
+    dcp.save(state, checkpoint_id=tmp / "train_state")
+    full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    torch.save({"torch": torch.get_rng_state(), "python": random.getstate(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+               tmp / f"rng_state_{rank}.pt")  # dcp.save made tmp/ and ended with a barrier
+    if rank == 0:
+        policy.save_pretrained(tmp, state_dict=full)  # loadable by plain transformers
+        processor.save_pretrained(tmp)
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "config": asdict(cfg)}, indent=1))
+    dist.barrier()
+    if rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)  # atomic: a crash before this line leaves the previous checkpoint whole
+    dist.barrier()
+    return final
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    done = [p for p in out.glob("checkpoint-*") if not p.name.endswith(".tmp") and (p / "trainer_state.json").exists()]
+    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def load_checkpoint(path: Path, policy, ref, optimizer, scheduler) -> int:
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict
+
+    model_sd, optim_sd = get_state_dict(policy, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    if ref is not None:
+        state["ref"] = get_model_state_dict(ref)
+    dcp.load(state, checkpoint_id=path / "train_state")
+    set_state_dict(policy, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    if ref is not None:
+        set_model_state_dict(ref, state["ref"])
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    rng = torch.load(path / f"rng_state_{dist.get_rank()}.pt", weights_only=False)
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    if rng["cuda"] is not None:
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return json.loads((path / "trainer_state.json").read_text())["step"]
+
+
+def plot_metrics(metrics_file: Path, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_file.read_text().splitlines()]
+    keys = ["reward_mean", "accuracy", "format", "bonus_mean", "confidence", "completion_len_mean"]
+    fig, axes = plt.subplots(2, 3, figsize=(12, 6))
+    for ax, k in zip(axes.flat, keys):
+        ax.plot([r["step"] for r in rows], [r[k] for r in rows])
+        ax.set_title(k)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(png, dpi=80)
+    plt.close(fig)
+
+
+def sample_seed(seed: int, step: int, sample_id) -> int:
+    """The generator seed of one prompt's G samples: a function of (run seed, step, sample id) only."""
+    return random.Random(f"{seed}/{step}/{sample_id}").getrandbits(63)
+
+
+# --- the training loop ---
+
+
+def main(argv: list[str] | None = None):
+    import torch.distributed as dist
+    from tqdm import tqdm
+    from transformers import AutoProcessor, get_cosine_schedule_with_warmup
+
+    import rollout
+    from data import Collator, VisionSpec, load_examples
+    from rewards import (accuracy_reward, answer_confidence, consistency_bonus, format_reward, group_advantages,
+                         total_reward)
+
+    cfg = parse_config(argv)
+    acc = setup_distributed()
+    device, rank, world = acc.device, dist.get_rank(), dist.get_world_size()
+    on_gpu = device.type == "cuda"
+    cfg.bf16 = on_gpu if cfg.bf16 is None else cfg.bf16
+    cfg.gradient_checkpointing = on_gpu if cfg.gradient_checkpointing is None else cfg.gradient_checkpointing
+    if cfg.attn_implementation is None:
+        import importlib.util
+
+        cfg.attn_implementation = "flash_attention_2" if on_gpu and importlib.util.find_spec("flash_attn") else "sdpa"
+    if not cfg.model_path:  # the toy world, built once per directory (rank 0 builds, the others wait)
+        import toy
+
+        if rank == 0:
+            toy.build(cfg.toy_dir)
+        dist.barrier()
+        cfg.model_path, cfg.data_root = str(Path(cfg.toy_dir) / "model"), str(Path(cfg.toy_dir) / "data")
+    assert cfg.data_root, "--data_root is required with --model_path (the SEED-Bench-R1 directory)"
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+
+    # --- models: policy, and the EMA reference (CARE) or a frozen one (beta > 0) ---
+    processor = AutoProcessor.from_pretrained(cfg.model_path)
+    tokenizer = processor.tokenizer
+    policy = load_model(cfg.model_path, cfg, device, trainable=True)
+    ref = load_model(cfg.model_path, cfg, device, trainable=False) if (cfg.use_care or cfg.beta > 0) else None
+    if ref is not None:
+        ref.eval()
+
+    # --- data: a fixed order per epoch; step s takes prompts [s*B, (s+1)*B) of it, this rank every world-th ---
+    vision = VisionSpec(cfg.video_fps, cfg.video_min_frames, cfg.video_max_frames, cfg.video_max_pixels,
+                        cfg.video_min_pixels, cfg.image_max_pixels, cfg.image_min_pixels)
+    train_path = Path(cfg.data_root) / cfg.train_file
+    n_rows = len(load_examples(train_path, cfg.data_root))
+    prompts_per_step = cfg.prompts_per_device * world
+    steps_per_epoch = n_rows // prompts_per_step
+    assert steps_per_epoch > 0, f"{train_path}: {n_rows} rows < {prompts_per_step} prompts per step"
+    total_steps = steps_per_epoch * cfg.num_epochs
+    if cfg.max_steps > 0:
+        total_steps = min(total_steps, cfg.max_steps)
+    collate = Collator(processor, vision)
+
+    def prompts_for(step: int) -> list[dict]:
+        epoch, s = divmod(step, steps_per_epoch)
+        examples = load_examples(train_path, cfg.data_root, cfg.seed, epoch)
+        random.Random(f"{cfg.seed}/order/{epoch}").shuffle(examples)
+        chunk = examples[s * prompts_per_step:(s + 1) * prompts_per_step]
+        return chunk[rank::world]
+
+    # --- optimizer, schedule, resume ---
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
+    start = 0
+    if cfg.resume_from_checkpoint:
+        ckpt = latest_checkpoint(out) if cfg.resume_from_checkpoint == "latest" else Path(cfg.resume_from_checkpoint)
+        assert ckpt is not None and ckpt.exists(), f"no checkpoint to resume from: {cfg.resume_from_checkpoint}"
+        start = load_checkpoint(ckpt, policy, ref, optimizer, scheduler)
+        rank0_print(f"resumed from {ckpt} at step {start}")
+    metrics_file = out / "metrics.jsonl"
+    if rank == 0:  # a resumed run rewrites the lines of the steps it will redo
+        kept = [l for l in metrics_file.read_text().splitlines() if json.loads(l)["step"] <= start] \
+            if metrics_file.exists() else []
+        metrics_file.write_text("".join(l + "\n" for l in kept))
+    writer = None
+    if cfg.report_to == "tensorboard" and rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(out / "tensorboard")
+    rank0_print(f"GRPO-CARE: {total_steps} steps, {world} process(es) x {cfg.prompts_per_device} prompt(s) x "
+                f"G={cfg.num_generations}, care={cfg.use_care}, device={device}")
+    bar = tqdm(range(start, total_steps), initial=start, total=total_steps, disable=rank != 0, desc="grpo-care")
+    nonfinite_steps = 0
+
+    for step in bar:
+        # --- rollouts: G samples per prompt, vision encoded once per prompt ---
+        t0 = time.perf_counter()
+        policy.eval()
+        groups = []  # (example, batch, rollout) per readable prompt
+        for ex in prompts_for(step):
+            batch, kept = collate([ex])
+            if batch is None:
+                continue
+            batch = batch.to(device)
+            with torch.no_grad():
+                ro = rollout.generate_group(policy, batch, cfg.num_generations, max_new_tokens=cfg.max_new_tokens,
+                                            temperature=cfg.temperature, top_p=cfg.top_p,
+                                            seeds=[sample_seed(cfg.seed, step, ex["id"])], tokenizer=tokenizer)
+            ro.completion_mask = ro.completion_mask.to(device)
+            groups.append((ex, batch, ro))
+        t_gen = time.perf_counter() - t0
+
+        # --- rewards: accuracy + format, then CARE's bonus from the EMA reference ---
+        t0 = time.perf_counter()
+        stats = []
+        for ex, batch, ro in groups:
+            G = cfg.num_generations
+            acc_r = torch.tensor(accuracy_reward(ro.texts, [ex["solution"]] * G)).view(1, G)  # (1, G)
+            fmt_r = torch.tensor(format_reward(ro.texts)).view(1, G)  # (1, G)
+            ro.ref_logps, conf, bonus = None, torch.zeros(1, G), None
+            if ref is not None:
+                with torch.no_grad():
+                    ref_mm = rollout.encode_vision(ref, batch)  # the reference's own weights: its own encoding
+                    ro.ref_logps = rollout.completion_logprobs(ref, ro, ref_mm, chunk_size=cfg.logprob_chunk)  # (G, T)
+                ro.vision_calls += len(ref_mm)
+            if cfg.use_care:
+                span = rollout.answer_span_mask(ro.completion_ids, tokenizer, ro.completion_mask)  # (G, T)
+                conf = answer_confidence(ro.ref_logps.float().cpu(), span.cpu(), cfg.confidence_upper_bound).view(1, G)
+                bonus = consistency_bonus(acc_r, conf, cfg.bonus_coefficient, cfg.consistency_margin)  # (1, G)
+            rewards = total_reward(acc_r, fmt_r, bonus)  # (1, G)
+            ro.advantages = group_advantages(rewards).view(G).to(device)  # (G,)
+            stats.append(dict(acc=acc_r, fmt=fmt_r, reward=rewards, conf=conf,
+                              bonus=bonus if bonus is not None else torch.zeros(1, G)))
+        t_ref = time.perf_counter() - t0
+
+        # --- update: mu clipped steps on this rollout; gradients accumulate over the prompts ---
+        t0 = time.perf_counter()
+        policy.train()
+        if cfg.num_iterations > 1:  # the old policy's log-probs, with the generation's vision features
+            for _, _, ro in groups:
+                with torch.no_grad():
+                    ro.old_logps = rollout.completion_logprobs(policy, ro, ro.mm, chunk_size=cfg.logprob_chunk)
+        loss_sum = clip_sum = 0.0
+        grad_norm = torch.tensor(0.0)
+        n_groups = max(len(groups), 1)
+        for _ in range(cfg.num_iterations):
+            for ex, batch, ro in groups:
+                mm = rollout.encode_vision(policy, batch)  # once per prompt per iteration, with gradient
+                ro.vision_calls += len(mm)
+                logps = rollout.completion_logprobs(policy, ro, mm, chunk_size=cfg.logprob_chunk)  # (G, T)
+                old = logps.detach() if cfg.num_iterations == 1 else ro.old_logps
+                loss, st = policy_loss(logps, old, ro.advantages, ro.completion_mask, cfg.clip_eps,
+                                       ro.ref_logps if cfg.beta > 0 else None, cfg.beta)
+                (loss / n_groups).backward()  # each process: mean over its prompts; FSDP averages processes
+                loss_sum += loss.item() / n_groups / cfg.num_iterations
+                clip_sum += st["clip_frac"].item() / n_groups / cfg.num_iterations
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            if torch.isfinite(grad_norm) and math.isfinite(loss_sum):
+                optimizer.step()
+            else:  # every rank sees the same all-reduced norm, so all skip together
+                nonfinite_steps += 1
+                rank0_print(f"step {step + 1}: non-finite loss or gradient norm ({grad_norm.item()}), update skipped")
+            optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        if ref is not None and cfg.use_care and (step + 1) % cfg.ref_ema_every == 0:
+            ema_update_(ref.parameters(), policy.parameters(), cfg.ref_ema_decay)
+        t_upd = time.perf_counter() - t0
+
+        # --- log: sums over all processes, one metrics.jsonl line per step ---
+        G = cfg.num_generations
+        cat = {k: torch.cat([s[k] for s in stats]) if stats else torch.zeros(0, G) for k in
+               ("acc", "fmt", "reward", "conf", "bonus")}  # each (B_local, G)
+        lens = torch.stack([ro.completion_mask.sum(-1).float().cpu() for *_, ro in groups]) if groups else torch.zeros(0, G)
+        trunc = torch.stack([ro.truncated.float().cpu() for *_, ro in groups]) if groups else torch.zeros(0, G)
+        sums = torch.tensor([
+            cat["reward"].numel(), cat["reward"].sum(), (cat["reward"] ** 2).sum(), cat["acc"].sum(), cat["fmt"].sum(),
+            cat["bonus"].sum(), (cat["bonus"] > 0).sum(), cat["conf"].sum(), len(groups),
+            (cat["acc"] >= 1).all(-1).sum(), (cat["acc"] <= 0).all(-1).sum(), lens.sum(), trunc.sum(),
+            clip_sum * len(groups), sum(ro.vision_calls for *_, ro in groups), collate.skipped,
+            t_gen, t_ref, t_upd, loss_sum * len(groups)], dtype=torch.float64, device=device)
+        maxlen = torch.tensor([lens.max().item() if lens.numel() else 0.0], device=device)
+        dist.all_reduce(sums)
+        dist.all_reduce(maxlen, op=dist.ReduceOp.MAX)
+        (n, r, r2, a, f, b, nb, c, ng, allc, allw, ln, tr, cl, vc, sk, tg, tf, tu, ls) = sums.tolist()
+        n, ng = max(n, 1), max(ng, 1)
+        m = dict(step=step + 1, reward_mean=r / n, reward_std=math.sqrt(max(r2 / n - (r / n) ** 2, 0.0)),
+                 accuracy=a / n, format=f / n, bonus_mean=b / n, bonus_frac=nb / n, confidence=c / n,
+                 all_correct_frac=allc / ng, all_wrong_frac=allw / ng, completion_len_mean=ln / n,
+                 completion_len_max=maxlen.item(), truncated_frac=tr / n, clip_frac=cl / ng, loss=ls / ng,
+                 grad_norm=grad_norm.item(), lr=scheduler.get_last_lr()[0],
+                 t_generation=tg / world, t_reference=tf / world, t_update=tu / world,
+                 gen_tokens_per_s=ln / max(tg / world, 1e-9), vision_calls=vc, skipped=sk,
+                 nonfinite_steps=nonfinite_steps)
+        if rank == 0:
+            with open(metrics_file, "a") as fh:
+                fh.write(json.dumps(m) + "\n")
+            if writer is not None:
+                for k, v in m.items():
+                    writer.add_scalar(k, v, step + 1)
+            bar.set_postfix(reward=f"{m['reward_mean']:.2f}", acc=f"{m['accuracy']:.2f}", bonus=f"{m['bonus_mean']:.2f}")
+
+        # --- checkpoint ---
+        if (step + 1) % cfg.save_steps == 0 or step + 1 == total_steps:
+            save_checkpoint(out, step + 1, policy, ref, optimizer, scheduler, processor, cfg)
+
+    if rank == 0 and metrics_file.exists() and metrics_file.stat().st_size:
+        plot_metrics(metrics_file, out / "curves.png")
+        rank0_print(f"done: {out}/checkpoint-{total_steps}, metrics in {metrics_file}, curves in {out}/curves.png")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,286 @@
+"""Group rollouts: G sampled completions per prompt, their per-token log-probs, and answer spans.
+
+    ro = generate_group(model, batch, G, tokenizer, seeds=seeds)    # batch: data.Collator output
+    old = completion_logprobs(model, ro, ro.mm)                      # (N, T), reuses the rollout's encoding
+    ref = completion_logprobs(ref_model, ro, encode_vision(ref_model, batch))
+    new = completion_logprobs(model, ro, encode_vision(model, batch))      # with gradient
+    spans = answer_span_mask(ro.completion_ids, tokenizer, ro.completion_mask)
+
+Rows are grouped by prompt: row r samples prompt `ro.prompt_index[r]`, N = B*G. A library file, no main:
+the same code runs on 1 GPU and under `accelerate launch` (each rank rolls out its own prompts).
+
+* Vision once: `encode_vision` runs the vision tower once per modality for all B prompts (a
+  "vision call" is one call of `model.model.visual`); `select_prompts` hands the features to the
+  G rows of each prompt by reference (transformers 5 `mm_encoder_outputs`), never recomputing them.
+* Log-probs of completion tokens only: the final hidden states go through the LM head
+  `chunk_size` positions at a time (checkpointed under grad), so no (N, L, vocab) tensor exists and
+  the extra peak memory is O(chunk_size * vocab) with or without gradient. The chunked head stands
+  in for `lm_head` during the root forward, so FSDP2 has the head's weights gathered when it runs.
+* FSDP2: sharded generation would all-gather every layer once per decoded token (for 7B in bf16
+  ~15 GB of traffic per token) and needs all ranks to decode in lock-step. `gathered(model)`
+  instead all-gathers each unit once for the whole rollout (memory: one full copy of the policy,
+  ~15 GB for 7B) and generation then runs with no collectives at all. Forward passes go
+  through the root module's forward (and `get_*_features`, registered with
+  `register_fsdp_forward_method` in grpo_care.load_model) so FSDP's hooks gather and reduce-scatter.
+
+Departures from the reference code (TencentARC/GRPO-CARE), and why:
+* it runs the vision tower for each of the G samples in every pass and builds logits for every
+  prompt position; here it runs once per prompt per set of weights, and only completion positions
+  reach the LM head.
+* it samples with the global RNG; here each prompt's G samples depend only on its own seed
+  (not on batch composition or rank count), so a run is reproducible and resumable.
+* sampling is set in full (temperature, top-p, no top-k, no repetition penalty), so the
+  checkpoint's generation_config.json (Qwen2.5-VL-Instruct's is near-greedy) cannot leak in.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch.distributed.fsdp import FSDPModule
+from torch.utils.checkpoint import checkpoint
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+# modality -> (pixel key, grid key, placeholder-token config key)
+MODALITIES = {"image": ("pixel_values", "image_grid_thw", "image_token_id"),
+              "video": ("pixel_values_videos", "video_grid_thw", "video_token_id")}
+_BYTE_OF = {c: b for b, c in bytes_to_unicode().items()}  # byte-level BPE symbol -> byte
+
+
+@dataclass
+class Rollout:
+    batch: dict  # the B prompts as collated (left-padded processor outputs, pixels included)
+    prompt_index: torch.Tensor  # (N,) prompt of each row, rows grouped by prompt
+    completion_ids: torch.Tensor  # (N, T)
+    completion_mask: torch.Tensor  # (N, T) 1 up to and including the first EOS
+    truncated: torch.Tensor  # (N,) no EOS within the budget
+    texts: list[str] = field(default_factory=list)
+    mm: dict = field(default_factory=dict)  # policy vision features of the B prompts
+    vision_calls: int = 0
+
+    @property
+    def prompt_ids(self):  # (N, P)
+        return self.batch["input_ids"][self.prompt_index]
+
+    @property
+    def prompt_mask(self):  # (N, P)
+        return self.batch["attention_mask"][self.prompt_index]
+
+
+def completion_mask(completion_ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, T) ids -> (mask (N, T) long: 1 up to the first EOS inclusive, truncated (N,) bool)."""
+    is_eos = completion_ids == eos_id  # (N, T)
+    before = is_eos.long().cumsum(-1) - is_eos.long()  # (N, T) EOS seen strictly before t
+    return (before == 0).long(), ~is_eos.any(-1)
+
+
+def encode_vision(model, batch) -> dict:
+    """All images and videos of `batch` through the vision tower: one call per modality present.
+
+    Returns `mm_encoder_outputs` {modality: BaseModelOutputWithPooling(pooler_output=tuple of
+    (tokens_i, hidden) per image/video)}; gradient flows when enabled. len(result) = vision calls."""
+    mm = {}
+    for modality, (pixels, grid, _) in MODALITIES.items():
+        if batch.get(pixels) is not None:
+            out = getattr(model, f"get_{modality}_features")(batch[pixels], batch[grid], return_dict=True)
+            mm[modality] = BaseModelOutputWithPooling(pooler_output=tuple(out.pooler_output))
+    return mm
+
+
+def _media_of_prompts(config, batch, modality) -> list[list[int]]:
+    """For each prompt, the indices of its images (videos) in batch order, from placeholder counts."""
+    _, grid, token = MODALITIES[modality]
+    sizes = (batch[grid].prod(-1) // config.vision_config.spatial_merge_size ** 2).tolist()
+    per_prompt, i = [], 0
+    for n in (batch["input_ids"] == getattr(config, token)).sum(-1).tolist():
+        items = []
+        while n > 0:
+            items.append(i)
+            n, i = n - sizes[i], i + 1
+        assert n == 0, f"{modality} placeholders of prompt {len(per_prompt)} do not match the grid sizes"
+        per_prompt.append(items)
+    assert i == len(sizes), f"{len(sizes)} {modality}s in the batch, {i} with placeholders"
+    return per_prompt
+
+
+def select_prompts(model, batch, mm: dict, prompts: list[int]) -> dict:
+    """Model inputs whose rows are the prompts `prompts` (indices into `batch`, repeats allowed).
+
+    Vision features are repeated by reference, in row order, as the placeholders consume them."""
+    inputs = {k: batch[k][prompts] for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    inputs["mm_encoder_outputs"] = {}
+    for modality, (_, grid, _) in MODALITIES.items():
+        if batch.get(grid) is None:
+            continue
+        per_prompt = _media_of_prompts(model.config, batch, modality)
+        items = [i for p in prompts for i in per_prompt[p]]
+        if not items:
+            continue
+        inputs[grid] = batch[grid][items]
+        if modality == "video" and batch.get("second_per_grid_ts") is not None:
+            inputs["second_per_grid_ts"] = batch["second_per_grid_ts"][items]
+        if modality in mm:
+            features = tuple(mm[modality].pooler_output[i] for i in items)
+            inputs["mm_encoder_outputs"][modality] = BaseModelOutputWithPooling(pooler_output=features)
+    return inputs
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """FSDP2: all-gather every FSDP unit once and keep it until the block ends; no-op otherwise.
+
+    Assumes the non-root units reshard after forward (FSDP2's default) and restores that."""
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in units:
+        if m is not model:  # the root keeps its own (auto) setting
+            m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in units:
+            if m is not model:
+                m.set_reshard_after_forward(True, recurse=False)
+            m.reshard()
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None, device: torch.device):
+    """Sample from `seed` without disturbing the caller's RNG streams; global RNG when None."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device.index],
+                               device_type=None if device.type == "cpu" else device.type):
+        torch.manual_seed(seed)
+        yield
+
+
+@torch.no_grad()
+def generate_group(model, batch, G: int, tokenizer, max_new_tokens: int = 768, temperature: float = 1.0,
+                   top_p: float = 0.95, seeds: list[int] | None = None, eos_token: str = "<|im_end|>") -> Rollout:
+    """G sampled completions for each of the B prompts of `batch` (a data.Collator output).
+
+    HF `generate` has no per-row generator, so prompts are generated one at a time (G rows each)
+    under `torch.manual_seed(seeds[b])` inside a forked RNG, from the prompt without its left
+    padding: prompt b's samples depend on seeds[b] alone, not on batch composition or rank."""
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor works too
+    eos = tokenizer.convert_tokens_to_ids(eos_token)
+    pad = model.generation_config.pad_token_id
+    pad = tokenizer.pad_token_id if pad is None else pad
+    B = batch["input_ids"].shape[0]
+    assert seeds is None or len(seeds) == B, f"{len(seeds)} seeds for {B} prompts"
+    # a sampled image/video placeholder would claim vision features in every later forward
+    placeholders = [getattr(model.config, token) for _, _, token in MODALITIES.values()]
+    mm = encode_vision(model, batch)
+    device = batch["input_ids"].device
+    completions = []
+    with gathered(model):
+        for b in range(B):
+            inputs = select_prompts(model, batch, mm, [b])
+            keep = inputs["attention_mask"][0].bool()  # drop left padding: rows must not depend on the batch
+            for k in ("input_ids", "attention_mask", "mm_token_type_ids"):
+                inputs[k] = inputs[k][:, keep]
+            with _seeded(None if seeds is None else seeds[b], device):
+                out = model.generate(**inputs, do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
+                                     repetition_penalty=1.0, max_new_tokens=max_new_tokens, num_return_sequences=G,
+                                     eos_token_id=eos, pad_token_id=pad, synced_gpus=False,
+                                     suppress_tokens=placeholders)
+            completions.append(out[:, int(keep.sum()):])  # (G, T_b)
+    T = max(c.shape[1] for c in completions)
+    ids = torch.cat([F.pad(c, (0, T - c.shape[1]), value=pad) for c in completions])  # (N, T)
+    mask, truncated = completion_mask(ids, eos)
+    texts = [tokenizer.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(ids, mask)]
+    index = torch.arange(B, device=device).repeat_interleave(G)  # (N,)
+    return Rollout(batch, index, ids, mask, truncated, texts, mm, vision_calls=len(mm))
+
+
+def token_logprobs(hidden: torch.Tensor, lm_head, targets: torch.Tensor, chunk_size: int = 512,
+                   temperature: float = 1.0) -> torch.Tensor:
+    """log_softmax(lm_head(hidden) / temperature) at `targets`, `chunk_size` positions at a time.
+
+    hidden (N, T, H), targets (N, T) -> (N, T) float32. Under grad each chunk is checkpointed, so
+    its (chunk_size, vocab) logits are rebuilt in backward instead of being kept."""
+    h = hidden.reshape(-1, hidden.shape[-1])  # (N*T, H)
+    y = targets.reshape(-1)  # (N*T,)
+    run = (lambda *a: checkpoint(_chunk_logprobs, *a, use_reentrant=False)) if torch.is_grad_enabled() \
+        else _chunk_logprobs
+    out = [run(h[s:s + chunk_size], y[s:s + chunk_size], lm_head, temperature) for s in range(0, len(y), chunk_size)]
+    return torch.cat(out).view(targets.shape)
+
+
+def _chunk_logprobs(h, y, lm_head, temperature):
+    logits = lm_head(h).float() / temperature  # (c, V)
+    return logits.gather(-1, y[:, None]).squeeze(-1) - logits.logsumexp(-1)  # (c,)
+
+
+def completion_logprobs(model, rollout: Rollout, mm: dict, chunk_size: int = 512,
+                        temperature: float = 1.0) -> torch.Tensor:
+    """(N, T) log-probs of the rollout's completion tokens under `model`, whose vision features of
+    the B prompts are `mm` (from `encode_vision(model, batch)`; `rollout.mm` for the sampling
+    weights). Positions after the EOS are masked from attention and hold meaningless values."""
+    placeholders = [getattr(model.config, token) for _, _, token in MODALITIES.values()]
+    assert not torch.isin(rollout.completion_ids, torch.tensor(placeholders, device=rollout.completion_ids.device)).any(), \
+        "a completion holds an image/video placeholder token: sample with generate_group, which suppresses them"
+    inputs = select_prompts(model, rollout.batch, mm, rollout.prompt_index.tolist())
+    P, T = inputs["input_ids"].shape[1], rollout.completion_ids.shape[1]
+    ids = torch.cat([inputs.pop("input_ids"), rollout.completion_ids], 1)  # (N, P+T)
+    attention = torch.cat([inputs.pop("attention_mask"), rollout.completion_mask.to(ids.dtype)], 1)  # (N, P+T)
+    types = F.pad(inputs.pop("mm_token_type_ids"), (0, T))  # (N, P+T) completion tokens are text
+    # explicit 3D positions: never the rope_deltas that generate cached on the model
+    grids = {k: inputs.pop(k, None) for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")}
+    position_ids, _ = model.model.get_rope_index(ids, types, attention_mask=attention, **grids)  # (3, N, P+T)
+    head = _TargetLogProbs(model.lm_head, rollout.completion_ids, chunk_size, temperature)
+    model.lm_head = head  # the LM head runs inside the root forward, where FSDP2 has gathered it
+    try:  # positions P-1 .. P+T-2 predict the T completion tokens: keep the last T+1, drop the final one
+        return model(input_ids=ids, attention_mask=attention, position_ids=position_ids, use_cache=False,
+                     logits_to_keep=T + 1, **inputs).logits  # (N, T)
+    finally:
+        model.lm_head = head.lm_head
+
+
+class _TargetLogProbs(torch.nn.Module):
+    """Stands in for `lm_head` during one forward: returns the (N, T) log-probs of `targets`
+    instead of (N, T, vocab) logits, so the full logits never exist."""
+
+    def __init__(self, lm_head, targets, chunk_size, temperature):
+        super().__init__()
+        self.lm_head, self.targets, self.chunk_size, self.temperature = lm_head, targets, chunk_size, temperature
+
+    def forward(self, hidden):  # (N, T+1, H)
+        return token_logprobs(hidden[:, :-1], self.lm_head, self.targets, self.chunk_size, self.temperature)
+
+
+def answer_span_mask(completion_ids: torch.Tensor, tokenizer, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(N, T) 1 on completion tokens overlapping the answer: the text strictly between the last
+    `<answer>` and the next `</answer>`, surrounding whitespace left out. No closing tag (or an
+    empty answer): no token. Only tokens under `mask` (e.g. the completion mask) are read.
+
+    Offsets are byte offsets of the byte-level BPE pieces, so tags split or merged with letters,
+    spaces and multi-byte characters need no re-tokenisation."""
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+    span = torch.zeros_like(completion_ids, dtype=torch.long)  # (N, T)
+    for r, row in enumerate(completion_ids.tolist()):
+        n = len(row) if mask is None else int(mask[r].sum())
+        # ids past the tokenizer (the embedding is padded: 152,064 rows for 151,665 tokens) have no text
+        pieces = [b"" if t is None else bytes(_BYTE_OF[c] for c in t) if all(c in _BYTE_OF for c in t)
+                  else t.encode() for t in tokenizer.convert_ids_to_tokens(row[:n])]
+        text = b"".join(pieces)
+        open_at = text.rfind(b"<answer>")
+        close_at = text.find(b"</answer>", open_at) if open_at >= 0 else -1
+        if close_at < 0:
+            continue
+        inner = text[open_at + len(b"<answer>"):close_at]
+        start = open_at + len(b"<answer>") + len(inner) - len(inner.lstrip())
+        end = close_at - (len(inner) - len(inner.rstrip()))
+        if start >= end:  # blank answer
+            continue
+        at = 0
+        for t, piece in enumerate(pieces):
+            if at < end and at + len(piece) > start:
+                span[r, t] = 1
+            at += len(piece)
+    return span

@@ -1,0 +1,185 @@
+"""The training loop on the toy world: a step end to end, exact resume, FSDP2 over 2 processes,
+the EMA reference, the non-finite guard, and crash-safe checkpoints. CPU, gloo."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import grpo_care
+
+ROOT = Path(__file__).resolve().parents[1]
+METRIC_FIELDS = {"reward_mean", "reward_std", "accuracy", "format", "bonus_mean", "bonus_frac", "confidence",
+                 "all_correct_frac", "all_wrong_frac", "completion_len_mean", "completion_len_max",
+                 "truncated_frac", "clip_frac", "grad_norm", "lr", "t_generation", "t_reference", "t_update",
+                 "gen_tokens_per_s", "vision_calls", "skipped", "nonfinite_steps"}
+TIMING = {"t_generation", "t_reference", "t_update", "gen_tokens_per_s"}
+
+
+def args(toy_world, out, *extra):
+    # lr high enough that 2 steps visibly move a tiny model; EMA every step so it is exercised
+    return ["--model_path", str(toy_world / "model"), "--data_root", str(toy_world / "data"),
+            "--output_dir", str(out), "--max_new_tokens", "12", "--num_generations", "4",
+            "--learning_rate", "1e-3", "--ref_ema_every", "1", "--ref_ema_decay", "0.5",
+            "--temperature", "1.5", "--top_p", "1.0", "--logprob_chunk", "5", "--save_steps", "100",
+            "--video_max_pixels", "3136", "--video_min_pixels", "3136", "--image_max_pixels", "3136",
+            "--image_min_pixels", "3136", "--video_max_frames", "4", *extra]
+
+
+def metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(ckpt):
+    """A save_pretrained directory's weights, keyed by module names (as the EMA's are)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    return Qwen2_5_VLForConditionalGeneration.from_pretrained(ckpt).state_dict()
+
+
+def ema_weights(ckpt):
+    """The EMA reference from the torch.distributed.checkpoint shard files, as full tensors."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    tmp = Path(ckpt) / "_full.pt"
+    dcp_to_torch_save(Path(ckpt) / "train_state", tmp)
+    state = torch.load(tmp, weights_only=False)
+    tmp.unlink()
+    return state.get("ref")
+
+
+def test_one_step_end_to_end(toy_world, tmp_path):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    grpo_care.main(args(toy_world, tmp_path, "--max_steps", "1"))
+    (m,) = metrics(tmp_path)
+    assert METRIC_FIELDS <= set(m), METRIC_FIELDS - set(m)
+    assert m["step"] == 1 and 0 <= m["accuracy"] <= 1 and m["completion_len_max"] <= 12
+    # vision once: 1 prompt x (policy for generation, EMA reference, policy with gradient) = 3 tower calls,
+    # whatever G is (4 here), per modality present
+    assert m["vision_calls"] in (3, 6), m["vision_calls"]
+    ckpt = tmp_path / "checkpoint-1"
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(ckpt)  # plain transformers, no training code
+    assert model.config.vision_config.patch_size == 14
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    ema = ema_weights(ckpt)
+    assert ema is not None and all(v.dtype == torch.float32 for v in ema.values()), "EMA kept in fp32"
+
+
+def test_resume_is_exact(toy_world, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    grpo_care.main(args(toy_world, straight, "--max_steps", "4"))
+    grpo_care.main(args(toy_world, resumed, "--max_steps", "4", "--save_steps", "2"))  # writes checkpoint-2 ...
+    (resumed / "checkpoint-4").rename(resumed / "ignored-4")  # ... and checkpoint-4: redo steps 3-4 from 2
+    grpo_care.main(args(toy_world, resumed, "--max_steps", "4", "--save_steps", "2",
+                        "--resume_from_checkpoint", "latest"))
+    a, b = weights(straight / "checkpoint-4"), weights(resumed / "checkpoint-4")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+    ea, eb = ema_weights(straight / "checkpoint-4"), ema_weights(resumed / "checkpoint-4")
+    for k in ea:
+        torch.testing.assert_close(ea[k], eb[k], atol=1e-6, rtol=0)
+    ma, mb = metrics(straight), metrics(resumed)
+    assert [m["step"] for m in mb] == [1, 2, 3, 4]
+    for x, y in zip(ma[2:], mb[2:]):
+        assert {k: v for k, v in x.items() if k not in TIMING} == {k: v for k, v in y.items() if k not in TIMING}
+    assert not any(a[k].equal(weights(resumed / "checkpoint-2")[k]) for k in a if "layers.0.mlp" in k), \
+        "steps 3-4 moved the weights (the test is not vacuous)"
+
+
+def test_two_processes_match_one(toy_world, tmp_path):
+    """2 ranks x 1 prompt under FSDP2 (gloo) == 1 rank x 2 prompts: same losses and weights."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    grpo_care.main(args(toy_world, one, "--max_steps", "2", "--prompts_per_device", "2"))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        "29533", str(ROOT / "tests" / "fsdp_probe.py"), *args(toy_world, two, "--max_steps", "2")],
+                       env=env, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "policy DTensor: True" in r.stdout and "ref DTensor: True" in r.stdout and "world 2" in r.stdout
+    for x, y in zip(metrics(one), metrics(two)):
+        assert x["loss"] == pytest.approx(y["loss"], abs=1e-5)
+        assert x["reward_mean"] == pytest.approx(y["reward_mean"], abs=1e-6)
+    a, b = weights(one / "checkpoint-2"), weights(two / "checkpoint-2")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0)
+
+
+def test_plain_grpo_loads_no_reference(toy_world, tmp_path, monkeypatch):
+    loaded = []
+    real = grpo_care.load_model
+    monkeypatch.setattr(grpo_care, "load_model", lambda *a, **k: loaded.append(k["trainable"]) or real(*a, **k))
+    grpo_care.main(args(toy_world, tmp_path, "--max_steps", "1", "--use_care", "false", "--beta", "0"))
+    assert loaded == [True], "only the policy is loaded"
+    assert ema_weights(tmp_path / "checkpoint-1") is None
+    assert metrics(tmp_path)[0]["bonus_mean"] == 0
+
+
+def test_ema_moves_by_the_expected_amount(toy_world, tmp_path):
+    # decay 0.5, every step: after 1 step ema = 0.5 * theta_0 + 0.5 * theta_1
+    grpo_care.main(args(toy_world, tmp_path, "--max_steps", "1"))
+    theta0 = weights(toy_world / "model")
+    theta1 = weights(tmp_path / "checkpoint-1")
+    ema = ema_weights(tmp_path / "checkpoint-1")
+    k = "model.language_model.layers.0.mlp.up_proj.weight"
+    assert k in ema, sorted(ema)[:5]
+    assert not theta0[k].equal(theta1[k])
+    torch.testing.assert_close(ema[k], 0.5 * theta0[k] + 0.5 * theta1[k], atol=1e-6, rtol=0)
+
+
+def test_nonfinite_loss_skips_the_update(toy_world, tmp_path, monkeypatch):
+    real = grpo_care.policy_loss
+
+    def nan_loss(*a, **k):
+        loss, stats = real(*a, **k)
+        return loss * float("nan"), stats
+
+    monkeypatch.setattr(grpo_care, "policy_loss", nan_loss)
+    grpo_care.main(args(toy_world, tmp_path, "--max_steps", "1", "--use_care", "false"))
+    theta0 = weights(toy_world / "model")
+    theta1 = weights(tmp_path / "checkpoint-1")
+    for k in theta1:
+        assert theta0[k].equal(theta1[k]), k
+    assert metrics(tmp_path)[0]["nonfinite_steps"] == 1
+
+
+def test_crash_while_saving_keeps_the_previous_checkpoint(toy_world, tmp_path, monkeypatch):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    calls = []
+    real = grpo_care.save_checkpoint
+
+    def crash_on_second(out, step, policy, ref, optimizer, scheduler, processor, cfg):
+        calls.append(step)
+        if len(calls) == 2:  # die half-way: the policy is written, the rest is not
+            class Dying:
+                def save_pretrained(self, *a, **k):
+                    raise KeyboardInterrupt("killed while writing")
+            return real(out, step, policy, ref, optimizer, scheduler, Dying(), cfg)
+        return real(out, step, policy, ref, optimizer, scheduler, processor, cfg)
+
+    monkeypatch.setattr(grpo_care, "save_checkpoint", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        grpo_care.main(args(toy_world, tmp_path, "--max_steps", "2", "--save_steps", "1"))
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    assert (tmp_path / "checkpoint-2.tmp").exists() and not (tmp_path / "checkpoint-2").exists()
+    assert grpo_care.latest_checkpoint(tmp_path) == tmp_path / "checkpoint-1"
+    Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "checkpoint-1")
+    monkeypatch.setattr(grpo_care, "save_checkpoint", real)
+    grpo_care.main(args(toy_world, tmp_path, "--max_steps", "2", "--save_steps", "1", "--resume_from_checkpoint", "latest"))
+    assert (tmp_path / "checkpoint-2").exists()
+
+
+def test_help_lists_every_field():
+    r = subprocess.run([sys.executable, str(ROOT / "grpo_care.py"), "--help"], capture_output=True, text=True,
+                       timeout=120, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    for f in grpo_care.Config.__dataclass_fields__:
+        assert f"--{f}" in r.stdout, f
