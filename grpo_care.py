@@ -40,6 +40,7 @@ import random
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -211,6 +212,8 @@ def load_model(path, cfg: Config, device, trainable: bool):
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=not trainable)
     for method in ("get_image_features", "get_video_features"):  # rollout.py encodes vision on its own
         register_fsdp_forward_method(model, method)
+    # those methods return views (per-image splits); nothing modifies them in place, so FSDP2's warning is moot
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     return model.to(device)
 
 
