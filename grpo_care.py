@@ -33,6 +33,7 @@ Core math of the update, as pure functions (tensors in, tensors out, no model, n
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -366,12 +367,15 @@ def main(argv: list[str] | None = None):
         total_steps = min(total_steps, cfg.max_steps)
     collate = Collator(processor, vision)
 
-    def prompts_for(step: int) -> list[dict]:
-        epoch, s = divmod(step, steps_per_epoch)
+    @functools.lru_cache(maxsize=1)
+    def epoch_order(epoch: int) -> list[dict]:  # options reshuffled per epoch, order seeded per epoch
         examples = load_examples(train_path, cfg.data_root, cfg.seed, epoch)
         random.Random(f"{cfg.seed}/order/{epoch}").shuffle(examples)
-        chunk = examples[s * prompts_per_step:(s + 1) * prompts_per_step]
-        return chunk[rank::world]
+        return examples
+
+    def prompts_for(step: int) -> list[dict]:
+        epoch, s = divmod(step, steps_per_epoch)
+        return epoch_order(epoch)[s * prompts_per_step:(s + 1) * prompts_per_step][rank::world]
 
     # --- optimizer, schedule, resume ---
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)

@@ -1,0 +1,331 @@
+"""SEED-Bench-R1 evaluation: L1/L2/L3 accuracy, L3 per domain, and the consistency rate.
+
+Given any `save_pretrained` checkpoint (Qwen2.5-VL-7B-Instruct, one of ours, the toy) it answers every
+validation question of the chosen levels and writes to `--output_dir`:
+predictions.jsonl (one line per sample), results.json (the summary) and results.md (the table).
+
+    python evaluate.py --model_path P --data_root D [--levels L1 L2 L3] [--max_samples N] [--output_dir O]
+    accelerate launch --num_processes 8 evaluate.py ...      # samples i with i % world == rank; rank 0 writes
+    python evaluate.py --model_path toy/model --data_root toy/data --toy   # toy media sizes + rule consistency
+
+Scores, per level and per L3 domain:
+* strict accuracy: the reference's scorer. The prediction is the stripped text inside the first
+  <answer></answer> (or the whole stripped output when there is none) and must equal the gold letter.
+* lenient accuracy: the older SEED-Bench-R1 scorer's idea: the first standalone A-D inside the answer
+  tag (any case), else the first standalone upper-case A-D anywhere in the output (lower case "a" is
+  an English article there).
+* format rate (rewards.format_reward), mean completion length in tokens.
+* consistency: for each response with reasoning (<think>) and a strict answer letter, a judge reads the
+  question, the options and the reasoning (the answer removed) and picks the option the reasoning
+  supports; consistent when that pick is the model's answer. Rates over all such responses and over
+  the correct ones. The judge's pick is the argmax of its next-token logits over the tokens "A".."D"
+  after a text-only chat prompt: one forward pass, deterministic, never unparseable. The judge is
+  `--judge_model` or, by default, the evaluated model itself.
+* toy only (`--toy`): rule consistency. The toy reasoning says "... so the next step is to <action>.";
+  the option whose text is that action is the one it implies. Reasoning that names no option
+  implies none and counts as inconsistent (it does not support the answer given).
+
+Decoding: plain greedy, up to 1,024 new tokens, video at 2 fps up to 16 frames, batch 4. The reference
+(TencentARC/GRPO-CARE src/eval_bench.py) samples in vLLM with temperature 0.1 and top-p 0.001: top-p
+0.001 keeps only the most likely token unless two tie, so it is greedy decoding with a random tie
+break; we drop the randomness. We also pass the generation config explicitly (no repetition penalty,
+no top-k), as vLLM's explicit SamplingParams do, instead of the checkpoint's generation_config.json.
+Left padding is masked, so a sample's logits do not depend on its batch up to float rounding (tests
+check it) and 1 and N processes give the same results.json (tested on the toy). Rounding can still flip
+a near-tie of greedy decoding (bf16 kernels vary with batch shape); --batch_size 1 rules that out.
+
+Departures from the reference and why:
+* transformers `generate` instead of vLLM: one code path for every checkpoint, CPU included.
+* the reference's --fps_max_frames defaults to 32; we use 16, the training setting (data.VisionSpec).
+* a sample whose media cannot be read is skipped and counted (data.Collator), not written as
+  "<answer>error</answer>" for a whole batch; skipped samples are outside the accuracy denominators.
+* resuming is per sample ((level, id, prompt id) already in predictions.jsonl), not per position.
+* the reference scores no consistency; the paper's judge is an external LLM, ours any local checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import re
+from dataclasses import asdict
+from pathlib import Path
+
+from data import LETTERS, Collator, VisionSpec, load_examples
+from rewards import format_reward, parse_answer
+
+LEVELS = ("L1", "L2", "L3")
+_STANDALONE = re.compile(r"\b([A-D])\b")
+_THINK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
+_TOY_STEP = re.compile(r"the next step is to (.+?)\.")
+JUDGE_QUESTION = "Which option does this reasoning support? Answer with a single letter."
+
+
+# ---------------------------------------------------------------------------------------------
+# scoring (pure functions of the output text)
+def strict_pick(text: str) -> str | None:
+    """The reference's prediction: the answer-tag text, else the whole output; a letter or None."""
+    pred = parse_answer(text) or text.strip()
+    return pred if pred in tuple(LETTERS) else None  # a tuple: "" and "AB" are substrings of "ABCD"
+
+
+def lenient_pick(text: str) -> str | None:
+    """First standalone A-D inside the answer tag (any case), else first standalone A-D of the output."""
+    inside = parse_answer(text)
+    m = _STANDALONE.search(inside.upper()) if inside else None
+    m = m or _STANDALONE.search(text)
+    return m.group(1) if m else None
+
+
+def reasoning_of(text: str) -> str | None:
+    """The stripped text of the first <think>...</think>, None when missing or empty."""
+    m = _THINK.search(text)
+    return (m.group(1).strip() or None) if m else None
+
+
+def toy_rule_pick(reasoning: str | None, options: list[str]) -> str | None:
+    """Toy world only: the option whose text is the action toy.cot_text names; None if it names none."""
+    m = _TOY_STEP.search(reasoning or "")
+    action = m.group(1).strip() if m else None
+    return LETTERS[options.index(action)] if action in options else None
+
+
+def score(example: dict, level: str, output: str, length: int, toy: bool = False) -> dict:
+    """One predictions.jsonl line (judge_pick filled in later by `judge_records`)."""
+    answer, lenient, reasoning = strict_pick(output), lenient_pick(output), reasoning_of(output)
+    rec = dict(id=example["id"], level=level, domain=example["domain"], prompt_id=prompt_id(example),
+               output=output, length=length, answer=answer, lenient=lenient,
+               gold=example["solution"], strict_correct=answer == example["solution"],
+               lenient_correct=lenient == example["solution"],
+               format=format_reward([output])[0] == 1.0, reasoning=reasoning, judge_pick=None, skipped=False)
+    if toy:
+        rec["rule_pick"] = toy_rule_pick(reasoning, example["options"])
+    return rec
+
+
+def prompt_id(example: dict) -> str:
+    """Names exactly what the model was asked: a changed prompt or option order is a new sample."""
+    return hashlib.sha1(example["prompt"].encode()).hexdigest()[:12]
+
+
+def judge_records(records: list[dict], examples: list[dict], judge) -> None:
+    """Fill `judge_pick` for records with reasoning and an answer letter (the others stay None)."""
+    todo = [i for i, r in enumerate(records) if r["reasoning"] and r["answer"]]
+    if not todo:
+        return
+    picks = judge([examples[i]["question"] for i in todo], [examples[i]["options"] for i in todo],
+                  [records[i]["reasoning"] for i in todo])
+    assert len(picks) == len(todo), f"judge returned {len(picks)} picks for {len(todo)} reasonings"
+    for i, p in zip(todo, picks):
+        records[i]["judge_pick"] = p
+
+
+# ---------------------------------------------------------------------------------------------
+# aggregation
+def _pct(flags: list) -> float | None:
+    return round(100.0 * sum(map(bool, flags)) / len(flags), 2) if flags else None
+
+
+def group_stats(records: list[dict]) -> dict:
+    ok = [r for r in records if not r["skipped"]]
+    judged = [r for r in ok if r["judge_pick"] is not None]
+    stats = dict(n=len(ok), skipped=len(records) - len(ok),
+                 strict=_pct([r["strict_correct"] for r in ok]), lenient=_pct([r["lenient_correct"] for r in ok]),
+                 format=_pct([r["format"] for r in ok]),
+                 mean_length=round(sum(r["length"] for r in ok) / len(ok), 1) if ok else None,
+                 n_judged=len(judged), consistency=_pct([r["judge_pick"] == r["answer"] for r in judged]),
+                 consistency_correct=_pct([r["judge_pick"] == r["answer"] for r in judged if r["strict_correct"]]))
+    if any("rule_pick" in r for r in ok):
+        stats["rule_consistency"] = _pct([r.get("rule_pick") == r["answer"] for r in judged])
+    return stats
+
+
+def summarize(records: list[dict]) -> dict:
+    """{"L1": stats, ..., "L3": stats, "L3/Daily life": stats, ...} for the levels present."""
+    records = sorted(records, key=lambda r: (r["level"], str(r["id"])))  # order-free sums
+    out = {}
+    for level in sorted({r["level"] for r in records}):
+        rows = [r for r in records if r["level"] == level]
+        out[level] = group_stats(rows)
+        if level == "L3":
+            for d in sorted({r["domain"] for r in rows if r["domain"]}):
+                out[f"L3/{d}"] = group_stats([r for r in rows if r["domain"] == d])
+    return out
+
+
+def markdown(summary: dict, model: str) -> str:
+    cols = list(summary)
+    rows = [("strict accuracy (%)", "strict"), ("lenient accuracy (%)", "lenient"), ("format (%)", "format"),
+            ("consistency, answered (%)", "consistency"), ("consistency, correct (%)", "consistency_correct"),
+            ("rule consistency, toy (%)", "rule_consistency"), ("judged responses", "n_judged"),
+            ("mean length (tokens)", "mean_length"), ("samples", "n"), ("skipped", "skipped")]
+    cell = lambda v: "–" if v is None else f"{v:.1f}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = [f"**{model}**", "", "| | " + " | ".join(c.replace("L3/", "") for c in cols) + " |",
+             "|---|" + "---:|" * len(cols)]
+    lines += [f"| {name} | " + " | ".join(cell(summary[c].get(key)) for c in cols) + " |"
+              for name, key in rows if any(key in summary[c] for c in cols)]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# models
+def load_model(path: str, device):
+    """(model.eval() on device, processor or tokenizer): Qwen-VL configs get the image-text class."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # the checkpoints' own bf16 on GPU
+    if "_vl" in AutoConfig.from_pretrained(path).model_type:  # qwen2_vl, qwen2_5_vl
+        model, proc = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype), AutoProcessor.from_pretrained(path)
+    else:
+        model, proc = AutoModelForCausalLM.from_pretrained(path, dtype=dtype), AutoTokenizer.from_pretrained(path)
+    return model.to(device).eval(), proc
+
+
+def make_judge(model, processor, batch_size: int = 8):
+    """judge(questions, options, reasonings) -> letters: argmax of the next-token logits over A-D."""
+    import torch
+
+    tok = getattr(processor, "tokenizer", processor)
+    letter_ids = [tok.encode(x, add_special_tokens=False) for x in LETTERS]
+    assert all(len(i) == 1 for i in letter_ids), f"judge tokenizer splits a letter: {letter_ids}"
+    letter_ids = [i[0] for i in letter_ids]
+
+    def judge(questions, options, reasonings):
+        picks = []
+        for s in range(0, len(questions), batch_size):
+            texts = [processor.apply_chat_template([dict(role="user", content=judge_prompt(q, o, r))],
+                                                   tokenize=False, add_generation_prompt=True)
+                     for q, o, r in zip(*(x[s:s + batch_size] for x in (questions, options, reasonings)))]
+            tok.padding_side = "left"  # the last position is every row's next token
+            enc = tok(texts, return_tensors="pt", padding=True).to(model.device)
+            with torch.no_grad():
+                logits = model(**enc, logits_to_keep=1).logits[:, -1, letter_ids]  # (b, 4)
+            picks += [LETTERS[j] for j in logits.argmax(-1).tolist()]
+        return picks
+
+    return judge
+
+
+def judge_prompt(question: str, options: list[str], reasoning: str) -> str:
+    opts = "".join(f"{LETTERS[i]}. {o}\n" for i, o in enumerate(options))
+    return f"Question: {question}\nOptions:\n{opts}\nReasoning: {reasoning}\n\n{JUDGE_QUESTION}"
+
+
+def evaluate_batch(model, processor, collator, gen_config, examples, level, toy, judge) -> list[dict]:
+    """Generate for `examples`, score, judge. Unreadable samples come back as skipped records."""
+    import torch
+
+    if not examples:
+        return []
+    before = collator.skipped
+    batch, kept = collator(examples)
+    kept_ids = {id(e) for e in kept}
+    skipped = [dict(id=e["id"], level=level, domain=e["domain"], prompt_id=prompt_id(e), skipped=True)
+               for e in examples if id(e) not in kept_ids]
+    assert collator.skipped - before == len(skipped), "Collator.skipped disagrees with the kept examples"
+    if not kept:
+        return skipped
+    with torch.no_grad():
+        seqs = model.generate(**batch.to(model.device), generation_config=gen_config)
+    completion = seqs[:, batch["input_ids"].shape[1]:]  # (B, T_new)
+    stop = set(gen_config.eos_token_id) | {gen_config.pad_token_id}
+    lengths = [next((j for j, t in enumerate(row) if t in stop), len(row)) for row in completion.tolist()]
+    texts = processor.batch_decode(completion, skip_special_tokens=True)
+    records = [score(e, level, t, n, toy) for e, t, n in zip(kept, texts, lengths)]
+    judge_records(records, kept, judge)
+    return records + skipped
+
+
+# ---------------------------------------------------------------------------------------------
+def read_predictions(path: Path) -> list[dict]:
+    """Complete lines of predictions.jsonl; a line cut by an interruption is dropped."""
+    records = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return records
+
+
+def key(level: str, example_or_record: dict) -> tuple:
+    r = example_or_record
+    return level, str(r["id"]), r.get("prompt_id") or prompt_id(r)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model_path", required=True)
+    p.add_argument("--data_root", required=True, help="SEED-Bench-R1 root: annotations/, videos/, images/")
+    p.add_argument("--levels", nargs="+", default=list(LEVELS), choices=LEVELS)
+    p.add_argument("--max_samples", type=int, default=None, help="first N samples (by id) per level")
+    p.add_argument("--output_dir", default=None, help="default: MODEL_PATH/eval_seed_bench_r1")
+    p.add_argument("--judge_model", default=None, help="default: the evaluated model judges itself")
+    p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--max_new_tokens", type=int, default=1024)
+    p.add_argument("--fps", type=float, default=2.0)
+    p.add_argument("--max_frames", type=int, default=16)
+    p.add_argument("--toy", action="store_true", help="toy world: toy media sizes and rule consistency")
+    a = p.parse_args(argv)
+
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import gather_object
+    from tqdm import tqdm
+    from transformers import GenerationConfig
+
+    import toy
+
+    # cpu=True: on a CPU machine Accelerator forms no process group under a multi-process launch otherwise
+    acc = Accelerator(cpu=not torch.cuda.is_available())
+    out = Path(a.output_dir or Path(a.model_path) / "eval_seed_bench_r1")
+    pred_path = out / "predictions.jsonl"
+    vision = VisionSpec(**toy.TOY_VISION) if a.toy else VisionSpec(video_fps=a.fps, video_max_frames=a.max_frames)
+    model, processor = load_model(a.model_path, acc.device)
+    judge = make_judge(*(load_model(a.judge_model, acc.device) if a.judge_model else (model, processor)))
+    collator = Collator(processor, vision)
+    eos = model.generation_config.eos_token_id
+    gen_config = GenerationConfig(do_sample=False, max_new_tokens=a.max_new_tokens, repetition_penalty=1.0,
+                                  eos_token_id=eos if isinstance(eos, list) else [eos],
+                                  pad_token_id=model.generation_config.pad_token_id or processor.tokenizer.pad_token_id)
+
+    selection = {lv: sorted(load_examples(Path(a.data_root) / "annotations" / f"validation_{lv}.jsonl", a.data_root),
+                            key=lambda e: e["id"])[:a.max_samples] for lv in a.levels}
+    done = {key(r["level"], r) for r in read_predictions(pred_path) if not r["skipped"]}  # bad media: retried
+    acc.wait_for_everyone()  # everyone has read the file before rank 0 rewrites it
+    if acc.is_main_process:  # drop a line cut by an interruption, so appends start on a fresh line
+        out.mkdir(parents=True, exist_ok=True)
+        pred_path.write_text("".join(json.dumps(r) + "\n" for r in read_predictions(pred_path)))
+    for level, examples in selection.items():
+        todo = [e for e in examples if key(level, e) not in done]
+        mine = todo[acc.process_index::acc.num_processes]  # i % world == rank
+        # every rank runs the same number of steps: gather_object is collective
+        steps = math.ceil(math.ceil(len(todo) / acc.num_processes) / a.batch_size)
+        bar = tqdm(total=len(todo), desc=f"SEED-Bench-R1 {level}", disable=not acc.is_main_process)
+        for s in range(steps):
+            chunk = mine[s * a.batch_size:(s + 1) * a.batch_size]
+            records = gather_object(evaluate_batch(model, processor, collator, gen_config, chunk, level, a.toy, judge))
+            if acc.is_main_process:
+                with open(pred_path, "a") as f:  # flushed per step: an interrupted run resumes here
+                    f.writelines(json.dumps(r) + "\n" for r in records)
+            bar.update(len(records))
+        bar.close()
+    acc.wait_for_everyone()
+    if not acc.is_main_process:
+        return None
+    wanted = {key(lv, e) for lv, exs in selection.items() for e in exs}
+    latest = {key(r["level"], r): r for r in read_predictions(pred_path)}
+    summary = summarize([r for k, r in latest.items() if k in wanted])
+    results = dict(model=a.model_path, judge=a.judge_model or "self", levels=summary,
+                   skipped=sum(s["skipped"] for k, s in summary.items() if "/" not in k),
+                   decoding=dict(greedy=True, max_new_tokens=a.max_new_tokens), vision=asdict(vision))
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.md").write_text(markdown(summary, a.model_path))
+    print(markdown(summary, a.model_path))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,230 @@
+"""evaluate.py: scoring on hand-made outputs, aggregation, the judge path, resume, and the toy end to end."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+import evaluate as ev
+import toy
+from data import Collator, load_examples
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --- scoring -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("text, strict, lenient", [
+    ("<think>x</think> <answer>B</answer>", "B", "B"),
+    ("<think>x</think> <answer>B. wash the cup</answer>", None, "B"),  # strict wants the bare letter
+    ("<think>x</think> <answer>b</answer>", None, "B"),  # lower case: lenient only, inside the tag
+    ("The answer is B", None, "B"),  # missing tags
+    ("B", "B", "B"),  # the reference scores the whole output when there is no tag
+    ("<answer>A or C</answer>", None, "A"),  # several letters: the first
+    ("<think>A cup is on the table</think> <answer>C</answer>", "C", "C"),  # the tag beats free text
+    ("<answer></answer> so D", None, "D"),  # empty tag: lenient falls back to the output
+    ("<answer>Dry the cup</answer> a cup", None, None),  # "Dry" is no letter; "a" outside is an article
+    ("<answer>B", None, "B"),  # unclosed tag
+    ("<answer> C </answer><answer>D</answer>", "C", "C"),  # first complete tag
+    ("<answer></answer>", None, None),
+    ("\n\n", None, None),  # "" and "AB" are substrings of "ABCD", but no letters
+    ("<answer>AB</answer>", None, None),
+])
+def test_strict_and_lenient_picks(text, strict, lenient):
+    assert ev.strict_pick(text) == strict
+    assert ev.lenient_pick(text) == lenient
+
+
+def _example(gold="A", domain=None, options=("w", "x", "y", "z"), id=0):
+    return dict(id=id, options=list(options), solution=gold, question="q?", domain=domain, prompt=f"prompt {id}")
+
+
+def test_score_record():
+    r = ev.score(_example(gold="B"), "L1", "<think>hm</think> <answer>B</answer>", length=7)
+    assert (r["answer"], r["strict_correct"], r["lenient_correct"], r["format"]) == ("B", True, True, True)
+    assert (r["reasoning"], r["length"], r["judge_pick"], r["skipped"]) == ("hm", 7, None, False)
+    assert "rule_pick" not in r  # only with toy=True
+    r = ev.score(_example(gold="B"), "L1", "<answer>B. x</answer>", length=3)
+    assert (r["answer"], r["strict_correct"], r["lenient_correct"], r["format"]) == (None, False, True, False)
+
+
+def test_toy_rule_pick():
+    options = ["cut the blue fruit", "cut the red fruit", "cut the green fruit", "cut the pink fruit"]
+    assert ev.toy_rule_pick(toy.cot_text("red", "cut the red fruit"), options) == "B"
+    assert ev.toy_rule_pick(toy.cot_text("red", "wash the red knife"), options) is None  # names no option
+    assert ev.toy_rule_pick("Hmm, let me think.", options) is None
+    assert ev.toy_rule_pick(None, options) is None
+
+
+# --- aggregation ---------------------------------------------------------------------------------
+def _rec(level, strict, lenient, fmt, length, answer, judge, domain=None, skipped=False, **kw):
+    if skipped:
+        return dict(id=0, level=level, domain=domain, skipped=True)
+    return dict(level=level, domain=domain, id=kw.get("id", 0), strict_correct=strict, lenient_correct=lenient,
+                format=fmt, length=length, answer=answer, judge_pick=judge, skipped=False, **kw)
+
+
+def test_summarize_levels_and_domains():
+    records = [
+        _rec("L1", True, True, True, 10, "A", "A"),
+        _rec("L1", False, True, False, 20, None, None),
+        _rec("L1", None, None, None, None, None, None, skipped=True),
+        _rec("L3", True, True, True, 30, "B", "C", domain="Work"),  # correct, judge disagrees
+        _rec("L3", False, False, True, 20, "A", "A", domain="Work"),  # wrong, judge agrees
+        _rec("L3", True, True, True, 10, "D", "D", domain="Hobbies"),
+    ]
+    s = ev.summarize(records)
+    assert list(s) == ["L1", "L3", "L3/Hobbies", "L3/Work"]
+    # L1: 2 scored (1 skipped); strict 1/2, lenient 2/2, format 1/2, length (10+20)/2, 1 judged and consistent
+    assert s["L1"] == dict(n=2, skipped=1, strict=50.0, lenient=100.0, format=50.0, mean_length=15.0,
+                           n_judged=1, consistency=100.0, consistency_correct=100.0)
+    # L3: strict 2/3; consistent 2 of 3 judged; of the 2 correct (B, D) only D is consistent
+    assert s["L3"] == dict(n=3, skipped=0, strict=66.67, lenient=66.67, format=100.0, mean_length=20.0,
+                           n_judged=3, consistency=66.67, consistency_correct=50.0)
+    assert (s["L3/Work"]["n"], s["L3/Work"]["strict"], s["L3/Work"]["consistency"]) == (2, 50.0, 50.0)
+    assert s["L3/Work"]["consistency_correct"] == 0.0
+    assert (s["L3/Hobbies"]["n"], s["L3/Hobbies"]["strict"], s["L3/Hobbies"]["consistency"]) == (1, 100.0, 100.0)
+    md = ev.markdown(s, "m")
+    assert "| | L1 | L3 | Hobbies | Work |" in md and "| strict accuracy (%) | 50.0 | 66.7 | 100.0 | 50.0 |" in md
+
+
+def test_judge_path_with_stub():
+    calls = []
+
+    def stub(questions, options, reasonings):  # a judge that always picks A
+        calls.append((questions, options, reasonings))
+        return ["A"] * len(questions)
+
+    outputs = ["<think>r1</think> <answer>A</answer>",  # judged A == A: consistent (and correct)
+               "<think>r2</think> <answer>B</answer>",  # judged A != B: inconsistent
+               "<answer>A</answer>",  # no reasoning: not judged
+               "<think>r4</think> no answer",  # no answer: not judged
+               "<think> </think><answer>A</answer>"]  # empty reasoning: not judged
+    examples = [_example(gold="A", id=i) for i in range(5)]
+    records = [ev.score(e, "L1", o, 5, toy=True) for e, o in zip(examples, outputs)]
+    ev.judge_records(records, examples, stub)
+    assert calls == [(["q?", "q?"], [["w", "x", "y", "z"]] * 2, ["r1", "r2"])]  # the answers are not shown
+    assert [r["judge_pick"] for r in records] == ["A", "A", None, None, None]
+    s = ev.summarize(records)["L1"]
+    # strict: outputs 1, 3, 5 are right (3/5); consistency 1/2 answered, 1/1 correct; the rule finds no option
+    assert (s["strict"], s["n_judged"], s["consistency"], s["consistency_correct"]) == (60.0, 2, 50.0, 100.0)
+    assert s["rule_consistency"] == 0.0
+
+
+def test_real_judge_is_deterministic_and_batch_free(toy_model):
+    model, processor = toy_model
+    qs, opts = ["what next?"] * 3, [["cut the red fruit", "cut the blue fruit", "b", "c"]] * 3
+    reasonings = ["I see the red object.", toy.cot_text("blue", "cut the blue fruit"), "Hmm."]  # lengths differ: padding
+    batched = ev.make_judge(model, processor, batch_size=3)(qs, opts, reasonings)
+    single = ev.make_judge(model, processor, batch_size=1)(qs, opts, reasonings)
+    assert batched == single and all(p in "ABCD" for p in batched) and len(batched) == 3
+
+
+def test_causal_lm_judge(toy_world, tmp_path):
+    """--judge_model may be a text-only causal LM: loaded with AutoModelForCausalLM + AutoTokenizer."""
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(toy_world / "model")  # the toy tokenizer and chat template
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=704, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    model, proc = ev.load_model(str(tmp_path), torch.device("cpu"))
+    assert type(model).__name__ == "Qwen2ForCausalLM" and not hasattr(proc, "tokenizer")
+    args = (["q?"] * 2, [["w", "x", "y", "z"]] * 2, ["short", "a much longer piece of reasoning"])
+    picks = ev.make_judge(model, proc, batch_size=2)(*args)
+    assert picks == ev.make_judge(model, proc, batch_size=1)(*args) and all(p in "ABCD" for p in picks)
+
+
+def test_generation_does_not_depend_on_the_batch(toy_world, toy_vision, toy_model):
+    model, processor = toy_model
+    examples = load_examples(toy_world / "data/annotations/validation_L3.jsonl", toy_world / "data")[:4]
+    collator = Collator(processor, toy_vision)
+    kw = dict(do_sample=False, max_new_tokens=6, return_dict_in_generate=True, output_scores=True,
+              pad_token_id=model.generation_config.pad_token_id)
+    batch, kept = collator(examples)
+    assert batch["attention_mask"].min() == 0, "the examples should need padding"
+    with torch.no_grad():
+        together = torch.stack(model.generate(**batch, **kw).scores, 1)  # (4, T, V)
+        for i, ex in enumerate(kept):
+            alone = torch.stack(model.generate(**collator([ex])[0], **kw).scores, 1)  # (1, T, V)
+            assert_close(together[i:i + 1], alone, atol=1e-4, rtol=1e-4)
+
+
+# --- end to end ----------------------------------------------------------------------------------
+def _args(world, data, out, n=3):
+    return ["--model_path", str(world / "model"), "--data_root", str(data), "--output_dir", str(out),
+            "--max_samples", str(n), "--max_new_tokens", "8", "--batch_size", "2", "--toy"]
+
+
+@pytest.fixture(scope="module")
+def evaluated(toy_world, tmp_path_factory):
+    """The untrained toy, 3 samples per level; the first L1 sample's image is corrupt."""
+    tmp = tmp_path_factory.mktemp("eval")
+    data = shutil.copytree(toy_world / "data", tmp / "data")
+    first = min(load_examples(data / "annotations/validation_L1.jsonl", data), key=lambda e: e["id"])
+    Path(first["image"]).write_bytes(b"not a png")
+    start = time.time()
+    results = ev.main(_args(toy_world, data, tmp / "out"))
+    return dict(data=data, out=tmp / "out", results=results, seconds=time.time() - start, bad=first["id"])
+
+
+def test_end_to_end_toy(evaluated):
+    assert evaluated["seconds"] <= 60, f"toy evaluation took {evaluated['seconds']:.0f} s"
+    out, results = evaluated["out"], evaluated["results"]
+    assert json.loads((out / "results.json").read_text()) == results
+    lines = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(lines) == 9 and sum(r["skipped"] for r in lines) == 1
+    assert [r["id"] for r in lines if r["skipped"]] == [evaluated["bad"]]
+    done = next(r for r in lines if not r["skipped"])
+    for field in ("id", "level", "domain", "prompt_id", "output", "answer", "gold", "strict_correct",
+                  "lenient_correct", "judge_pick", "rule_pick"):
+        assert field in done, field
+    lv = results["levels"]
+    assert results["skipped"] == 1 and (lv["L1"]["n"], lv["L1"]["skipped"]) == (2, 1)
+    assert lv["L2"]["n"] == lv["L3"]["n"] == 3
+    assert sum(s["n"] for k, s in lv.items() if k.startswith("L3/")) == 3  # domains partition L3
+    assert 0 < lv["L1"]["mean_length"] <= 8
+    assert "| strict accuracy (%) |" in (out / "results.md").read_text()
+
+
+def test_resume_skips_finished_samples(evaluated, toy_world, tmp_path, monkeypatch):
+    out = shutil.copytree(evaluated["out"], tmp_path / "out")
+    with open(out / "predictions.jsonl", "a") as f:
+        f.write('{"id": 99, "lev')  # a line cut by an interruption
+    seen = []
+    real = ev.evaluate_batch
+
+    def counting(model, processor, collator, gen_config, examples, *a):
+        seen.extend((ex["id"]) for ex in examples)
+        return real(model, processor, collator, gen_config, examples, *a)
+
+    monkeypatch.setattr(ev, "evaluate_batch", counting)
+    results = ev.main(_args(toy_world, evaluated["data"], out, n=4))
+    # one new sample per level, and the corrupt one is retried
+    assert len(seen) == 4 and evaluated["bad"] in seen
+    lines = (out / "predictions.jsonl").read_text().splitlines()
+    assert len(lines) == 9 + 4 and all(json.loads(x) for x in lines)  # the cut line is gone
+    assert (results["levels"]["L1"]["n"], results["levels"]["L2"]["n"], results["skipped"]) == (3, 4, 1)
+    seen.clear()
+    assert ev.main(_args(toy_world, evaluated["data"], out, n=4)) == results
+    assert seen == [evaluated["bad"]]  # nothing else is generated again
+
+
+def test_two_processes_give_the_same_results(evaluated, toy_world, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "evaluate.py"), *_args(toy_world, evaluated["data"], tmp_path / "out")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "out/results.json").read_text()) == evaluated["results"]
+    # the samples really were split: L1 ids a<b<c go to rank 0 [a, c] and rank 1 [b]; each rank's
+    # step 0 lists generated records before skipped ones (a is corrupt), gathered rank by rank
+    l1 = [json.loads(x)["id"] for x in (tmp_path / "out/predictions.jsonl").read_text().splitlines()][:3]
+    a, b, c = sorted(l1)
+    assert l1 == [c, a, b]
