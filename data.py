@@ -1,17 +1,29 @@
-"""SEED-Bench-R1 records, the reference prompt, and video/image loading into model inputs.
+"""Training and evaluation records (SEED-Bench-R1 and Video-R1), the reference prompt, and
+video/image loading into model inputs.
 
-One code path reads the real benchmark and the toy world (`toy.py`): `--data_root` holds
-`annotations/*.jsonl`, `videos/<video_source>/<video_basename>` and
-`images/<video_source>/<current_observation_basename>`.
+One code path reads the real data and the toy world (`toy.py`). The format is told by the file:
+rows carrying `problem_id`/`problem_type` are Video-R1, anything else SEED-Bench-R1.
 
-    rows = read_jsonl(root / "annotations/training_6k.jsonl")      # errors name file:line
-    examples = [make_example(r, root, seed=0, epoch=0) for r in rows]
+* SEED-Bench-R1: `--data_root` holds `annotations/*.jsonl`, `videos/<video_source>/<video_basename>`
+  and `images/<video_source>/<current_observation_basename>`. Every question is multiple choice.
+* Video-R1 (Video-R1-260k.json and the general benchmarks' `Evaluation/eval_<name>.json`): a JSON
+  list, or JSON lines, of {problem_id, problem, data_type (image|video), problem_type (multiple
+  choice|numerical|OCR|free-form|regression), options ("A. ..." strings), solution
+  ("<answer>...</answer>"), path ("./..." relative to `--data_root`), process?, data_source?}.
+  Image and video rows mix freely in one file. An example keeps `solution` as the text inside
+  <answer></answer>, `options` as given (lettered strings, [] when not multiple choice), `domain`
+  = data_source, and `cot` = `process` without its <think></think> wrapper (SEED-Bench-R1's `cot`
+  is bare reasoning too; sft.py adds the tags).
+
+    examples = load_examples(root / "annotations/training_6k.jsonl", root, seed=0, epoch=0)
+    examples = load_examples(root / "Video-R1-260k.json", root)
     batch, kept = Collator(processor, VisionSpec())(examples)      # left-padded model inputs
 
-Training rows get 3 distractors sampled from `negative_answers` plus `answer`, shuffled by a
-generator seeded with (seed, epoch, sample_id): the same run sees the same options whatever the
-process count, and a new epoch reshuffles deterministically. Validation rows keep
-`choice_a`…`choice_d` in file order with `golden_choice_idx`.
+Training rows of SEED-Bench-R1 get 3 distractors sampled from `negative_answers` plus `answer`,
+shuffled by a generator seeded with (seed, epoch, sample_id): the same run sees the same options
+whatever the process count, and a new epoch reshuffles deterministically. Validation rows keep
+`choice_a`…`choice_d` in file order with `golden_choice_idx`. Video-R1 options stay in file order,
+as in the reference.
 
 Departures from the reference code, and why:
 * it shuffles with the global `random` module (options depend on process count and call order);
@@ -26,9 +38,12 @@ import json
 import logging
 import os
 import random
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+
+from rewards import parse_answer
 
 THINK_INSTRUCTION = (
     "Please think about this question as if you were a human pondering deeply. "
@@ -39,11 +54,21 @@ THINK_INSTRUCTION = (
     "between the <answer> </answer> tags."
 )
 MC_INSTRUCTION = " Please provide only the single option letter (e.g., A, B, C, D, etc.) within the <answer> </answer> tags."
+_NUMBER = " Please provide the numerical value (e.g., 42 or 3.14) within the <answer> </answer> tags."
+TYPE_INSTRUCTIONS = {  # the reference's per-type answer instruction, appended after the think instruction
+    "multiple choice": MC_INSTRUCTION,
+    "numerical": _NUMBER,
+    "OCR": " Please transcribe text from the image/video clearly and provide your text answer within the <answer> </answer> tags.",
+    "free-form": " Please provide your text answer within the <answer> </answer> tags.",
+    "regression": _NUMBER,
+}
 LETTERS = "ABCD"
 TRAIN_FIELDS = ("sample_id", "video_source", "question", "answer", "negative_answers",
                 "task_progress_metadata", "video_basename", "current_observation_basename")
 VALIDATION_FIELDS = ("sample_id", "video_source", "question", "answer", "task_progress_metadata", "video_basename",
                      "current_observation_basename", "choice_a", "choice_b", "choice_c", "choice_d", "golden_choice_idx")
+VIDEO_R1_FIELDS = ("problem_id", "problem", "data_type", "problem_type", "solution", "path")
+_THINK = re.compile(r"\s*<think>(.*)</think>\s*", re.DOTALL)
 
 
 class DataError(ValueError):
@@ -77,10 +102,31 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     return rows
 
 
+def read_rows(path: str | os.PathLike) -> list[dict]:
+    """Rows of a JSON list (Video-R1's .json) or of JSON lines, whichever the file holds."""
+    text = Path(path).read_text()
+    if not text.lstrip().startswith("["):
+        return read_jsonl(path)
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+    if not all(isinstance(r, dict) for r in rows):
+        raise DataError(f"{path}: expected a JSON list of objects")
+    return rows
+
+
+def question_prompt(problem: str, problem_type: str, options: list[str]) -> str:
+    """The reference prompt. Multiple choice: no newline between the problem and 'Options:', each
+    (already lettered) option on its own line; other types: the bare problem."""
+    if problem_type == "multiple choice":
+        problem = problem + "Options:\n" + "".join(o + "\n" for o in options)
+    return f"{problem}\n{THINK_INSTRUCTION}{TYPE_INSTRUCTIONS[problem_type]}"
+
+
 def prompt_text(question: str, options: list[str]) -> str:
-    """The reference prompt: no newline between the question and 'Options:', one after the options."""
-    block = question + "Options:\n" + "".join(f"{LETTERS[i]}. {o}\n" for i, o in enumerate(options))
-    return f"{block}\n{THINK_INSTRUCTION}{MC_INSTRUCTION}"
+    """The SEED-Bench-R1 prompt: option texts lettered A-D."""
+    return question_prompt(question, "multiple choice", [f"{LETTERS[i]}. {o}" for i, o in enumerate(options)])
 
 
 def make_example(row: dict, data_root: str | os.PathLike, seed: int = 0, epoch: int = 0,
@@ -109,23 +155,58 @@ def make_example(row: dict, data_root: str | os.PathLike, seed: int = 0, epoch: 
         prompt=prompt_text(row["question"], options), question=row["question"], domain=row.get("domain"),
         video=str(root / "videos" / row["video_source"] / row["video_basename"]) if has_video else None,
         image=str(root / "images" / row["video_source"] / row["current_observation_basename"]),
-        cot=row.get("cot"),
+        cot=row.get("cot"), problem_type="multiple choice",
+    )
+
+
+def make_video_r1_example(row: dict, data_root: str | os.PathLike, source: str = "?") -> dict:
+    """One Video-R1 row -> the same example dict as `make_example`, with its own problem type."""
+    where = f"{source}: problem_id={row.get('problem_id', '?')}"
+    for field in VIDEO_R1_FIELDS:
+        if field not in row:
+            raise DataError(f"{where}: missing field '{field}'")
+    kind, problem_type = row["data_type"], row["problem_type"]
+    if kind not in ("image", "video"):
+        raise DataError(f"{where}: data_type {kind!r} is neither 'image' nor 'video'")
+    if problem_type not in TYPE_INSTRUCTIONS:
+        raise DataError(f"{where}: problem_type {problem_type!r} is not one of {list(TYPE_INSTRUCTIONS)}")
+    options = row.get("options") or []
+    if problem_type == "multiple choice" and not options:
+        raise DataError(f"{where}: a multiple-choice row needs 'options'")
+    solution = parse_answer(row["solution"])
+    solution = row["solution"].strip() if solution is None else solution
+    media = str(Path(data_root) / row["path"].removeprefix("./"))  # the reference's path[2:]
+    cot = row.get("process")
+    if cot is not None:
+        m = _THINK.fullmatch(cot)
+        cot = (m.group(1) if m else cot).strip()
+    return dict(
+        id=row["problem_id"], options=options, solution=solution, answer=solution,
+        prompt=question_prompt(row["problem"], problem_type, options), question=row["problem"],
+        domain=row.get("data_source"), video=media if kind == "video" else None,
+        image=media if kind == "image" else None, cot=cot, problem_type=problem_type,
     )
 
 
 def load_examples(path: str | os.PathLike, data_root: str | os.PathLike, seed: int = 0, epoch: int = 0) -> list[dict]:
-    return [make_example(r, data_root, seed, epoch, source=f"{path}") for r in read_jsonl(path)]
+    """Examples of a SEED-Bench-R1 or a Video-R1 file; the first row's keys tell which."""
+    rows = read_rows(path)
+    if rows and {"problem_id", "problem_type"} & rows[0].keys():
+        return [make_video_r1_example(r, data_root, source=f"{path}") for r in rows]
+    return [make_example(r, data_root, seed, epoch, source=f"{path}") for r in rows]
 
 
 def messages(example: dict, vision: VisionSpec) -> list[dict]:
-    """Reference content order: [video if any progress, current-observation image, text]."""
+    """Reference content order: [video if any, image if any, text]. SEED-Bench-R1 always has the
+    current-observation image and a video when there is progress; Video-R1 has one or the other."""
     content = []
     if example["video"] is not None:
         content.append(dict(type="video", video=example["video"], fps=vision.video_fps,
                             min_frames=vision.video_min_frames, max_frames=vision.video_max_frames,
                             max_pixels=vision.video_max_pixels, min_pixels=vision.video_min_pixels))
-    content.append(dict(type="image", image=example["image"], max_pixels=vision.image_max_pixels,
-                        min_pixels=vision.image_min_pixels))
+    if example["image"] is not None:
+        content.append(dict(type="image", image=example["image"], max_pixels=vision.image_max_pixels,
+                            min_pixels=vision.image_min_pixels))
     content.append(dict(type="text", text=example["prompt"]))
     return [dict(role="user", content=content)]
 

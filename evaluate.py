@@ -1,4 +1,5 @@
-"""SEED-Bench-R1 evaluation: L1/L2/L3 accuracy, L3 per domain, and the consistency rate.
+"""Evaluation: SEED-Bench-R1 (L1/L2/L3 accuracy, L3 per domain, the consistency rate) and the six
+general video benchmarks of the paper's transfer table.
 
 Given any `save_pretrained` checkpoint (Qwen2.5-VL-7B-Instruct, one of ours, the toy) it answers every
 validation question of the chosen levels and writes to `--output_dir`:
@@ -7,6 +8,7 @@ predictions.jsonl (one line per sample), results.json (the summary) and results.
     python evaluate.py --model_path P --data_root D [--levels L1 L2 L3] [--max_samples N] [--output_dir O]
     accelerate launch --num_processes 8 evaluate.py ...      # samples i with i % world == rank; rank 0 writes
     python evaluate.py --model_path toy/model --data_root toy/data --toy   # toy media sizes + rule consistency
+    python evaluate.py --model_path P --data_root D --benchmark vsibench videommmu mmvu mvbench tempcompass videomme
 
 Scores, per level and per L3 domain:
 * strict accuracy: the reference's scorer. The prediction is the stripped text inside the first
@@ -25,6 +27,15 @@ Scores, per level and per L3 domain:
   the option whose text is that action is the one it implies. Reasoning that names no option
   implies none and counts as inconsistent (it does not support the answer given).
 
+General benchmarks (`--benchmark`): VSI-Bench, VideoMMMU, MMVU, MVBench, TempCompass, VideoMME, read
+from the reference's Video-R1-format eval files `DATA_ROOT/Evaluation/eval_<name>.json` (media paths
+"./Evaluation/..." relative to DATA_ROOT), prompted as in training (data.py). The prediction is the
+answer-tag text, else the whole stripped output (the reference's fallback). Multiple choice scores exact
+match, numerical the rule of rewards.score_answer; VSI-Bench's regression questions score the mean
+relative accuracy (MRA): the fraction of thresholds 0.50, 0.55, ..., 0.95 at which the relative error is
+< 1 - threshold. Per benchmark: `score` (mean over all questions, the reference's mean_rewards),
+`accuracy` (all but regression, its mean_acc) and `mra` (regression only, its mean_mra). No judge here.
+
 Decoding: plain greedy, up to 1,024 new tokens, video at 2 fps up to 16 frames, batch 4. The reference
 (TencentARC/GRPO-CARE src/eval_bench.py) samples in vLLM with temperature 0.1 and top-p 0.001: top-p
 0.001 keeps only the most likely token unless two tie, so it is greedy decoding with a random tie
@@ -41,6 +52,12 @@ Departures from the reference and why:
   "<answer>error</answer>" for a whole batch; skipped samples are outside the accuracy denominators.
 * resuming is per sample ((level, id, prompt id) already in predictions.jsonl), not per position.
 * the reference scores no consistency; the paper's judge is an external LLM, ours any local checkpoint.
+* the prompt is the training prompt (data.py); the reference's eval script words the think instruction
+  slightly differently ("between the <think> and </think> tags").
+* MRA: the definition's strict "<" with exact thresholds (1 - threshold = (10 - i) / 20). The reference
+  compares in float32, where an error exactly on a threshold passes or fails by rounding (relative
+  error 0.05: 21 vs 20 passes at 0.95, 3.15 vs 3 fails); here it never passes. Truth 0: 1 for an exact 0.
+* OCR and free-form questions, where an eval file has any, get their graded reward; the reference gives 0.
 """
 from __future__ import annotations
 
@@ -53,9 +70,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 from data import LETTERS, Collator, VisionSpec, load_examples
-from rewards import format_reward, parse_answer
+from rewards import format_reward, parse_answer, score_answer, to_number
 
 LEVELS = ("L1", "L2", "L3")
+BENCHMARKS = {"vsibench": "VSI-Bench", "videommmu": "VideoMMMU", "mmvu": "MMVU", "mvbench": "MVBench",
+              "tempcompass": "TempCompass", "videomme": "VideoMME"}  # eval file stem -> name, the paper's order
 _STANDALONE = re.compile(r"\b([A-D])\b")
 _THINK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
 _TOY_STEP = re.compile(r"the next step is to (.+?)\.")
@@ -104,6 +123,27 @@ def score(example: dict, level: str, output: str, length: int, toy: bool = False
     return rec
 
 
+def mean_relative_accuracy(pred: float, truth: float) -> float:
+    """Fraction of thresholds t = 0.50, 0.55, ..., 0.95 with |pred - truth| / |truth| < 1 - t."""
+    if truth == 0:  # no relative error around 0: only an exact hit counts
+        return float(pred == 0)
+    rel = abs(pred - truth) / abs(truth)
+    return sum(rel < (10 - i) / 20 for i in range(10)) / 10  # 1 - (0.50 + 0.05 i), exact
+
+
+def benchmark_score(example: dict, benchmark: str, output: str, length: int) -> dict:
+    """One predictions.jsonl line of a general benchmark: `reward` in [0, 1] by problem type."""
+    pred, gold, problem_type = parse_answer(output) or output.strip(), example["solution"], example["problem_type"]
+    if problem_type == "regression":
+        p, g = to_number(pred), to_number(gold)
+        reward = 0.0 if p is None or g is None else mean_relative_accuracy(p, g)
+    else:
+        reward = score_answer(pred, gold, problem_type)
+    return dict(id=example["id"], level=benchmark, domain=example["domain"], prompt_id=prompt_id(example),
+                output=output, length=length, problem_type=problem_type, answer=pred, gold=gold, reward=reward,
+                format=format_reward([output])[0] == 1.0, reasoning=reasoning_of(output), judge_pick=None, skipped=False)
+
+
 def prompt_id(example: dict) -> str:
     """Names exactly what the model was asked: a changed prompt or option order is a new sample."""
     return hashlib.sha1(example["prompt"].encode()).hexdigest()[:12]
@@ -141,13 +181,23 @@ def group_stats(records: list[dict]) -> dict:
     return stats
 
 
+def benchmark_stats(records: list[dict]) -> dict:
+    ok = [r for r in records if not r["skipped"]]
+    regression = [r["reward"] for r in ok if r["problem_type"] == "regression"]
+    other = [r["reward"] for r in ok if r["problem_type"] != "regression"]
+    mean = lambda xs: round(100.0 * sum(xs) / len(xs), 2) if xs else None  # noqa: E731
+    return dict(n=len(ok), skipped=len(records) - len(ok), score=mean(other + regression), accuracy=mean(other),
+                mra=mean(regression), format=_pct([r["format"] for r in ok]),
+                mean_length=round(sum(r["length"] for r in ok) / len(ok), 1) if ok else None)
+
+
 def summarize(records: list[dict]) -> dict:
-    """{"L1": stats, ..., "L3": stats, "L3/Daily life": stats, ...} for the levels present."""
+    """{"L1": stats, ..., "L3/Daily life": stats, ...} or {"vsibench": stats, ...} for the sets present."""
     records = sorted(records, key=lambda r: (r["level"], str(r["id"])))  # order-free sums
-    out = {}
-    for level in sorted({r["level"] for r in records}):
+    out, present = {}, {r["level"] for r in records}
+    for level in [x for x in (*LEVELS, *BENCHMARKS) if x in present]:
         rows = [r for r in records if r["level"] == level]
-        out[level] = group_stats(rows)
+        out[level] = benchmark_stats(rows) if level in BENCHMARKS else group_stats(rows)
         if level == "L3":
             for d in sorted({r["domain"] for r in rows if r["domain"]}):
                 out[f"L3/{d}"] = group_stats([r for r in rows if r["domain"] == d])
@@ -156,12 +206,14 @@ def summarize(records: list[dict]) -> dict:
 
 def markdown(summary: dict, model: str) -> str:
     cols = list(summary)
-    rows = [("strict accuracy (%)", "strict"), ("lenient accuracy (%)", "lenient"), ("format (%)", "format"),
+    rows = [("score (%)", "score"), ("accuracy, all but regression (%)", "accuracy"),
+            ("mean relative accuracy, regression (%)", "mra"), ("strict accuracy (%)", "strict"),
+            ("lenient accuracy (%)", "lenient"), ("format (%)", "format"),
             ("consistency, answered (%)", "consistency"), ("consistency, correct (%)", "consistency_correct"),
             ("rule consistency, toy (%)", "rule_consistency"), ("judged responses", "n_judged"),
             ("mean length (tokens)", "mean_length"), ("samples", "n"), ("skipped", "skipped")]
     cell = lambda v: "–" if v is None else f"{v:.1f}" if isinstance(v, float) else str(v)  # noqa: E731
-    lines = [f"**{model}**", "", "| | " + " | ".join(c.replace("L3/", "") for c in cols) + " |",
+    lines = [f"**{model}**", "", "| | " + " | ".join(BENCHMARKS.get(c, c.replace("L3/", "")) for c in cols) + " |",
              "|---|" + "---:|" * len(cols)]
     lines += [f"| {name} | " + " | ".join(cell(summary[c].get(key)) for c in cols) + " |"
               for name, key in rows if any(key in summary[c] for c in cols)]
@@ -233,6 +285,8 @@ def evaluate_batch(model, processor, collator, gen_config, examples, level, toy,
     stop = set(gen_config.eos_token_id) | {gen_config.pad_token_id}
     lengths = [next((j for j, t in enumerate(row) if t in stop), len(row)) for row in completion.tolist()]
     texts = processor.batch_decode(completion, skip_special_tokens=True)
+    if level in BENCHMARKS:  # scored by problem type; the A-D judge does not apply
+        return [benchmark_score(e, level, t, n) for e, t, n in zip(kept, texts, lengths)] + skipped
     records = [score(e, level, t, n, toy) for e, t, n in zip(kept, texts, lengths)]
     judge_records(records, kept, judge)
     return records + skipped
@@ -258,10 +312,14 @@ def key(level: str, example_or_record: dict) -> tuple:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model_path", required=True)
-    p.add_argument("--data_root", required=True, help="SEED-Bench-R1 root: annotations/, videos/, images/")
-    p.add_argument("--levels", nargs="+", default=list(LEVELS), choices=LEVELS)
-    p.add_argument("--max_samples", type=int, default=None, help="first N samples (by id) per level")
-    p.add_argument("--output_dir", default=None, help="default: MODEL_PATH/eval_seed_bench_r1")
+    p.add_argument("--data_root", required=True,
+                   help="SEED-Bench-R1 root (annotations/, videos/, images/); with --benchmark the root of Evaluation/")
+    sets = p.add_mutually_exclusive_group()
+    sets.add_argument("--levels", nargs="+", default=list(LEVELS), choices=LEVELS, help="SEED-Bench-R1 levels")
+    sets.add_argument("--benchmark", nargs="+", choices=list(BENCHMARKS),
+                      help="general video benchmarks instead: DATA_ROOT/Evaluation/eval_<name>.json")
+    p.add_argument("--max_samples", type=int, default=None, help="first N samples (by id) per level or benchmark")
+    p.add_argument("--output_dir", default=None, help="default: MODEL_PATH/eval_seed_bench_r1 (or eval_general)")
     p.add_argument("--judge_model", default=None, help="default: the evaluated model judges itself")
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--max_new_tokens", type=int, default=1024)
@@ -280,19 +338,22 @@ def main(argv=None):
 
     # cpu=True: on a CPU machine Accelerator forms no process group under a multi-process launch otherwise
     acc = Accelerator(cpu=not torch.cuda.is_available())
-    out = Path(a.output_dir or Path(a.model_path) / "eval_seed_bench_r1")
+    out = Path(a.output_dir or Path(a.model_path) / ("eval_general" if a.benchmark else "eval_seed_bench_r1"))
     pred_path = out / "predictions.jsonl"
     vision = VisionSpec(**toy.TOY_VISION) if a.toy else VisionSpec(video_fps=a.fps, video_max_frames=a.max_frames)
     model, processor = load_model(a.model_path, acc.device)
-    judge = make_judge(*(load_model(a.judge_model, acc.device) if a.judge_model else (model, processor)))
+    judge = None if a.benchmark else make_judge(*(load_model(a.judge_model, acc.device) if a.judge_model
+                                                  else (model, processor)))
     collator = Collator(processor, vision)
     eos = model.generation_config.eos_token_id
     gen_config = GenerationConfig(do_sample=False, max_new_tokens=a.max_new_tokens, repetition_penalty=1.0,
                                   eos_token_id=eos if isinstance(eos, list) else [eos],
                                   pad_token_id=model.generation_config.pad_token_id or processor.tokenizer.pad_token_id)
 
-    selection = {lv: sorted(load_examples(Path(a.data_root) / "annotations" / f"validation_{lv}.jsonl", a.data_root),
-                            key=lambda e: e["id"])[:a.max_samples] for lv in a.levels}
+    root = Path(a.data_root)
+    files = ({b: root / "Evaluation" / f"eval_{b}.json" for b in a.benchmark} if a.benchmark else
+             {lv: root / "annotations" / f"validation_{lv}.jsonl" for lv in a.levels})
+    selection = {name: sorted(load_examples(f, root), key=lambda e: e["id"])[:a.max_samples] for name, f in files.items()}
     done = {key(r["level"], r) for r in read_predictions(pred_path) if not r["skipped"]}  # bad media: retried
     acc.wait_for_everyone()  # everyone has read the file before rank 0 rewrites it
     if acc.is_main_process:  # drop a line cut by an interruption, so appends start on a fresh line
@@ -303,7 +364,7 @@ def main(argv=None):
         mine = todo[acc.process_index::acc.num_processes]  # i % world == rank
         # every rank runs the same number of steps: gather_object is collective
         steps = math.ceil(math.ceil(len(todo) / acc.num_processes) / a.batch_size)
-        bar = tqdm(total=len(todo), desc=f"SEED-Bench-R1 {level}", disable=not acc.is_main_process)
+        bar = tqdm(total=len(todo), desc=BENCHMARKS.get(level, f"SEED-Bench-R1 {level}"), disable=not acc.is_main_process)
         for s in range(steps):
             chunk = mine[s * a.batch_size:(s + 1) * a.batch_size]
             records = gather_object(evaluate_batch(model, processor, collator, gen_config, chunk, level, a.toy, judge))
@@ -318,7 +379,8 @@ def main(argv=None):
     wanted = {key(lv, e) for lv, exs in selection.items() for e in exs}
     latest = {key(r["level"], r): r for r in read_predictions(pred_path)}
     summary = summarize([r for k, r in latest.items() if k in wanted])
-    results = dict(model=a.model_path, judge=a.judge_model or "self", levels=summary,
+    results = dict(model=a.model_path, judge=None if a.benchmark else a.judge_model or "self",
+                   **{"benchmarks" if a.benchmark else "levels": summary},
                    skipped=sum(s["skipped"] for k, s in summary.items() if "/" not in k),
                    decoding=dict(greedy=True, max_new_tokens=a.max_new_tokens), vision=asdict(vision))
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")

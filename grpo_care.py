@@ -111,6 +111,7 @@ class Config:
     train_file: str = field(default="annotations/training_6k.jsonl", metadata={"help": "relative to data_root"})
     output_dir: str = field(default="outputs/grpo_care", metadata={"help": "checkpoints, metrics.jsonl, curves.png"})
     toy_dir: str = field(default=".cache/toy", metadata={"help": "where the toy world is built when model_path is empty"})
+    toy: bool | None = field(default=None, metadata={"help": "toy-sized settings (TOY_DEFAULTS); default: when model_path is empty"})
     seed: int = field(default=42, metadata={"help": "seeds data order, option shuffles and sampling"})
     # rollouts
     num_generations: int = field(default=8, metadata={"help": "G, samples per prompt"})
@@ -153,7 +154,8 @@ class Config:
     report_to: str = field(default="none", metadata={"help": "'tensorboard' to also write event files"})
 
 
-# The toy world's sizes, applied when --model_path is empty to every field not given on the command line.
+# The toy world's sizes, applied with --toy (the default when --model_path is empty) to every field not
+# given on the command line. ./train.sh's default run passes --toy with the SFT warm start as model_path.
 TOY_DEFAULTS = dict(max_new_tokens=48, learning_rate=2e-4, warmup_ratio=0.0, save_steps=20, max_steps=30,
                     ref_ema_every=2, ref_ema_decay=0.9, output_dir="outputs/toy")
 
@@ -163,7 +165,9 @@ def parse_config(argv: list[str] | None = None) -> Config:
 
     argv = sys.argv[1:] if argv is None else argv
     (cfg,) = HfArgumentParser(Config).parse_args_into_dataclasses(args=argv)
-    if not cfg.model_path:
+    if cfg.toy is None:
+        cfg.toy = not cfg.model_path
+    if cfg.toy:
         import toy
 
         given = {a.lstrip("-").split("=")[0] for a in argv if a.startswith("--")}
@@ -424,7 +428,7 @@ def main(argv: list[str] | None = None):
         stats = []
         for ex, batch, ro in groups:
             G = cfg.num_generations
-            acc_r = torch.tensor(accuracy_reward(ro.texts, [ex["solution"]] * G)).view(1, G)  # (1, G)
+            acc_r = torch.tensor(accuracy_reward(ro.texts, [ex["solution"]] * G, [ex["problem_type"]] * G)).view(1, G)  # (1, G)
             fmt_r = torch.tensor(format_reward(ro.texts)).view(1, G)  # (1, G)
             ro.ref_logps, conf, bonus = None, torch.zeros(1, G), None
             if ref is not None:

@@ -23,12 +23,26 @@ Departures from the reference code (src/r1-v/src/open_r1/{grpo.py,trainer/grpo_t
   confident. The reference has this float trap.
 - An all-equal group gets exactly zero advantage (the reference gives float noise / eps).
 - The reference's length bonus (+0.2 for accurate answers of 320-512 tokens) is left out.
-- Only multiple-choice answers are scored (SEED-Bench-R1): exact letter match.
+
+Accuracy by problem type (`score_answer`; SEED-Bench-R1 is all multiple choice, Video-R1 mixes five),
+with the reference's semantics and these departures:
+- regression with truth 0: 1 for an exact 0, else 0 (relative error is undefined at 0). The
+  reference's `(|d| + 1e-9) / (|truth| + 1e-9)` gives 0 even to an exact 0, and 1 - 1e-9/|truth|
+  instead of 1 to any exact hit; here an exact hit scores exactly 1.
+- numerical: inf/nan give 0 on either side (the reference checks only the prediction).
+- the reference scores a whole batch with the type of its first sample (harmless there: one
+  prompt per device); here each completion carries its own type.
+- OCR's word edit distance is nltk's `edit_distance` (the same Levenshtein count as the
+  reference's own loop); free-form uses the `rouge-score` package, as the reference.
 """
 
+import functools
+import math
 import re
 
 import torch
+
+PROBLEM_TYPES = ("multiple choice", "numerical", "OCR", "free-form", "regression")
 
 # Non-greedy so the *first* complete <answer>...</answer> pair is the answer.
 _ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
@@ -44,19 +58,70 @@ def parse_answer(text: str) -> str | None:
     return m.group(1).strip() if m else None
 
 
-def accuracy_reward(completions: list[str], solutions: list[str]) -> list[float]:
-    """1.0 when the first answer equals the solution's letter, else 0.0.
+def to_number(text: str) -> float | None:
+    """`text` as a finite float, commas removed ("1,000" -> 1000.0); None for anything else."""
+    try:
+        x = float(text.replace(",", ""))
+    except ValueError:
+        return None
+    return x if math.isfinite(x) else None
 
-    Solutions may be "B" or "<answer>B</answer>". The comparison is exact and
-    case-sensitive after stripping whitespace ("b" and "B." are both wrong for "B"),
-    as in the reference.
+
+@functools.lru_cache(maxsize=1)
+def _rouge():
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+
+
+def score_answer(pred: str | None, gold: str, problem_type: str = "multiple choice") -> float:
+    """Accuracy in [0, 1] of one stripped answer text against the stripped truth. Never raises on `pred`.
+
+    multiple choice: exact match. numerical: 0 when exactly one side has a "." or ",", else equality
+    after rounding to 2 decimals. OCR: 1 - word error rate. free-form: mean ROUGE-1/2/L F (stemmed).
+    regression: 1 - min(1, |pred - truth| / |truth|). A missing answer (None) scores 0.
+    """
+    assert problem_type in PROBLEM_TYPES, f"unknown problem_type {problem_type!r}; expected one of {PROBLEM_TYPES}"
+    if pred is None:
+        return 0.0
+    if problem_type == "multiple choice":
+        return float(pred == gold)
+    if problem_type == "OCR":
+        from nltk.metrics.distance import edit_distance
+
+        ref = gold.split()
+        return max(0.0, 1.0 - edit_distance(ref, pred.split()) / max(1, len(ref)))
+    if problem_type == "free-form":
+        s = _rouge().score(gold, pred)
+        return min(1.0, max(0.0, (s["rouge1"].fmeasure + s["rouge2"].fmeasure + s["rougeL"].fmeasure) / 3))
+    decimal = lambda t: "." in t or "," in t  # noqa: E731
+    if problem_type == "numerical" and decimal(pred) != decimal(gold):  # "3" vs "3.0": another precision asked
+        return 0.0
+    p, g = to_number(pred), to_number(gold)
+    if p is None or g is None:
+        return 0.0
+    if problem_type == "numerical":
+        return float(round(p, 2) == round(g, 2))
+    if g == 0:  # regression: no relative error around 0, only an exact hit counts
+        return float(p == 0)
+    return 1.0 - min(1.0, abs(p - g) / abs(g))
+
+
+def accuracy_reward(completions: list[str], solutions: list[str], problem_types: list[str] | None = None) -> list[float]:
+    """Accuracy of each completion's first answer against its solution, by problem type (`score_answer`).
+
+    Solutions may be "B" or "<answer>B</answer>". `problem_types=None` means all multiple choice:
+    1.0 when the answer equals the letter, else 0.0, exact and case-sensitive after stripping
+    whitespace ("b" and "B." are both wrong for "B"), as in the reference.
     """
     assert len(completions) == len(solutions), f"{len(completions)} completions vs {len(solutions)} solutions"
+    problem_types = problem_types or ["multiple choice"] * len(completions)
+    assert len(problem_types) == len(completions), f"{len(problem_types)} problem types vs {len(completions)} completions"
     rewards = []
-    for completion, solution in zip(completions, solutions):
+    for completion, solution, problem_type in zip(completions, solutions, problem_types):
         gold = parse_answer(solution)
         gold = solution.strip() if gold is None else gold
-        rewards.append(1.0 if parse_answer(completion) == gold else 0.0)
+        rewards.append(score_answer(parse_answer(completion), gold, problem_type))
     return rewards
 
 
@@ -124,6 +189,8 @@ def consistency_bonus(
     - level     = mean confidence of the group's accurate samples;
     - confident = confidence >= level - margin (the margin spares samples just below);
     - bonus     = coef * acc where accurate and confident, else 0.
+    Graded accuracies (OCR, free-form, regression) need nothing more: the 0.1 floor keeps
+    near-misses out and the bonus scales with the accuracy earned.
     A group with no accurate sample gets zeros. The reference computes these means over
     everything on one device (one group there, one prompt per device); here they are
     per group, so groups never influence each other's bonus.

@@ -14,6 +14,10 @@ FSDP2) must be the one that trains them. So this file builds, from nothing and o
   the colour. The progress video shows the objects already handled.
   Levels: L1 = training distribution (EpicKitchens, grey kitchens); L2 = new environment (other
   background palette, object elsewhere in the frame); L3 = Ego4D, new tasks, four domains.
+* `training_with_cot_6k.jsonl`, the SFT warm start's rows: reasoning (`cot`) that names the colour
+  cue and "so the next step is to <action>.", and the option it answers (`cot_answer`). Flaws are
+  planted in set fractions (COT_MISREAD, COT_INCONSISTENT; `cot_flaw` labels each row, a toy-only
+  field) so that the warm-started model reasons imperfectly and RL, and CARE, have work to do.
 
 Run:  python toy.py --out DIR [--seed 0] [--n_train 240] [--force]
 The 7B run uses the same code with `--model_path Qwen/Qwen2.5-VL-7B-Instruct --data_root <SEED-Bench-R1>`.
@@ -77,6 +81,11 @@ ENVIRONMENTS = {
 }
 QUESTION = ("Considering the progress shown in the video and my current observation in the last "
             "frame, what action should I take next in order to {goal}?")
+# Flaws of the chain-of-thought rows (the SFT warm start's teacher), as fractions of the training rows.
+# Trained on them, the tiny model reasons imperfectly, as a real SFT model does: it sometimes misreads
+# the cue, and sometimes its answer does not follow from its reasoning, which is what CARE targets.
+COT_MISREAD = 0.3  # names a wrong colour and that colour's action, and answers it: consistent but wrong
+COT_INCONSISTENT = 0.2  # names the right colour and action, then answers another option: inconsistent
 FRAME = 56  # pixels; 56 = 2 merged patches of 28, so an image is 2x2 = 4 vision tokens
 # data.VisionSpec fields for the toy: keep frames at 56x56 (4 tokens per image, 8 per 4-frame video).
 TOY_VISION = dict(video_max_pixels=FRAME * FRAME, video_min_pixels=FRAME * FRAME, image_max_pixels=FRAME * FRAME,
@@ -123,6 +132,22 @@ def cot_text(colour: str, action: str) -> str:
             f"so the next step is to {action}.")
 
 
+def cot_row(row: dict, flaw: str | None, rng: random.Random) -> dict:
+    """A training row with its chain of thought: `cot` (the reasoning) and `cot_answer` (the option
+    text its final answer picks). The row keeps exactly 3 distractors, so that whatever option order
+    an epoch draws, the 4 options shown hold both the right action and the one the CoT picks.
+
+    flaw None: reads the cue and answers what it implies. "misread": names a distractor's colour
+    and its action and answers that (consistent but wrong). "inconsistent": names the right colour
+    and action but answers a distractor (the answer does not follow from the reasoning)."""
+    assert flaw in (None, "misread", "inconsistent"), f"unknown CoT flaw {flaw!r}"
+    distractors = rng.sample(row["negative_answers"], 3)
+    seen = distractors[0] if flaw == "misread" else row["answer"]  # the action the reasoning names
+    colour = seen.split(" the ", 1)[1].split()[0]
+    picked = distractors[0] if flaw else row["answer"]
+    return dict(row, negative_answers=distractors, cot=cot_text(colour, seen), cot_answer=picked, cot_flaw=flaw)
+
+
 def _make_row(rng, idx, source, env, goal, steps, data: Path, domain=None, validation=False):
     verb, obj = rng.choice(steps)
     colours = list(COLOURS)
@@ -149,35 +174,42 @@ def _make_row(rng, idx, source, env, goal, steps, data: Path, domain=None, valid
         row["golden_choice_idx"] = "ABCD"[options.index(answer)]
     if domain is not None:
         row["domain"] = domain
-    return row, cot_text(target, answer)
+    return row
 
 
-def build_data(data: Path, seed: int = 0, n_train: int = 240, n_val: int = 24) -> None:
+def build_data(data: Path, seed: int = 0, n_train: int = 240, n_val: int = 24, misread: float = COT_MISREAD,
+               inconsistent: float = COT_INCONSISTENT) -> None:
     rng = random.Random(seed)
     for sub in ("annotations", "videos/EpicKitchens", "videos/Ego4D", "images/EpicKitchens", "images/Ego4D"):
         (data / sub).mkdir(parents=True, exist_ok=True)
     kitchen = [(g, s) for g, s in KITCHEN_TASKS.items()]
     idx = 0
-    train, cot = [], []
+    train = []
     for _ in range(n_train):
         goal, steps = rng.choice(kitchen)
         source = "EpicKitchens" if rng.random() < 0.8 else "Ego4D"
-        row, c = _make_row(rng, idx, source, "kitchen", goal, steps, data)
-        train.append(row)
-        cot.append(dict(row, cot=c))
+        train.append(_make_row(rng, idx, source, "kitchen", goal, steps, data))
         idx += 1
+    # Exactly round(fraction * n_train) rows of each flaw, drawn by their own generator so that the
+    # rest of the world does not depend on the flaw settings.
+    cot_rng = random.Random(f"{seed}/cot")
+    order = cot_rng.sample(range(n_train), n_train)
+    n_mis, n_inc = round(misread * n_train), round(inconsistent * n_train)
+    assert n_mis + n_inc <= n_train, f"CoT flaw fractions {misread} + {inconsistent} exceed 1"
+    flaws = {i: "misread" for i in order[:n_mis]} | {i: "inconsistent" for i in order[n_mis:n_mis + n_inc]}
+    cot = [cot_row(r, flaws.get(i), cot_rng) for i, r in enumerate(train)]
     levels = {}
     for level, env in (("L1", "kitchen"), ("L2", "new_kitchen")):
         levels[level] = []
         for _ in range(n_val):
             goal, steps = rng.choice(kitchen)
-            levels[level].append(_make_row(rng, idx, "EpicKitchens", env, goal, steps, data, validation=True)[0])
+            levels[level].append(_make_row(rng, idx, "EpicKitchens", env, goal, steps, data, validation=True))
             idx += 1
     levels["L3"] = []
     for i in range(n_val):
         domain = list(L3_TASKS)[i % 4]
         goal, steps = next(iter(L3_TASKS[domain].items()))
-        levels["L3"].append(_make_row(rng, idx, "Ego4D", "outdoors", goal, steps, data, domain, True)[0])
+        levels["L3"].append(_make_row(rng, idx, "Ego4D", "outdoors", goal, steps, data, domain, True))
         idx += 1
     _write_jsonl(data / "annotations" / "training_6k.jsonl", train)
     _write_jsonl(data / "annotations" / "training_with_cot_6k.jsonl", cot)
@@ -272,16 +304,19 @@ def _mrope_section(head_dim: int) -> list[int]:
     return [t, (half - t) // 2, half - t - (half - t) // 2]
 
 
-def build(out: str | os.PathLike, seed: int = 0, n_train: int = 240, n_val: int = 24, force: bool = False) -> Path:
+def build(out: str | os.PathLike, seed: int = 0, n_train: int = 240, n_val: int = 24, force: bool = False,
+          cot_misread: float = COT_MISREAD, cot_inconsistent: float = COT_INCONSISTENT) -> Path:
     """Build (or reuse) the toy world in `out`; returns the path. `out/model` and `out/data`."""
     out = Path(out)
     stamp = out / "toy.json"
-    spec = dict(seed=seed, n_train=n_train, n_val=n_val, version=1)
+    spec = dict(seed=seed, n_train=n_train, n_val=n_val, cot_misread=cot_misread,
+                cot_inconsistent=cot_inconsistent, version=3)
     if not force and stamp.exists() and json.loads(stamp.read_text()) == spec:
         return out
     if out.exists():
         shutil.rmtree(out)
-    build_data(out / "data", seed, n_train, n_val)
+    build_data(out / "data", seed, n_train, n_val, cot_misread, cot_inconsistent)
+    build_video_r1(out / "data", seed)
     tok = build_tokenizer(corpus_texts(out / "data"))
     processor = build_processor(tok)
     model = build_model(tok, seed)
@@ -298,9 +333,70 @@ def main():
     p.add_argument("--n_train", type=int, default=240)
     p.add_argument("--n_val", type=int, default=24, help="rows per validation level")
     p.add_argument("--force", action="store_true", help="rebuild even if a matching build exists")
+    p.add_argument("--cot_misread", type=float, default=COT_MISREAD, help="fraction of CoT rows that misread the cue")
+    p.add_argument("--cot_inconsistent", type=float, default=COT_INCONSISTENT,
+                   help="fraction of CoT rows whose answer contradicts their reasoning")
     a = p.parse_args()
-    out = build(a.out, a.seed, a.n_train, a.n_val, a.force)
+    out = build(a.out, a.seed, a.n_train, a.n_val, a.force, a.cot_misread, a.cot_inconsistent)
     print(f"toy world in {out}: model/ and data/")
+
+
+def build_video_r1(data: Path, seed: int = 0, per_kind: int = 3) -> None:
+    """The general domain in miniature, in the Video-R1 format (see data.py), beside the SEED-Bench-R1 toy:
+
+    * `data/Video-R1-toy.json`: the training mix, `per_kind` rows of each of six kinds: multiple choice
+      on an image and on a video, numerical (video), OCR and free-form (image), regression (video); each
+      with a `process` chain of thought. Train on it with `--train_file Video-R1-toy.json`.
+    * `data/Evaluation/eval_<name>.json` for evaluate.BENCHMARKS: a video and an image multiple-choice
+      row each; VSI-Bench a video multiple-choice, a regression and a numerical row.
+    Media paths are "./"-relative to `data`, as in the real files. Every answer is decidable from the
+    pixels: the object's colour, the colours a video shows (first, how many, for how long), the words
+    written in the image. Its own generator: the SEED-Bench-R1 toy is the same with or without it."""
+    from PIL import Image, ImageDraw
+
+    from evaluate import BENCHMARKS
+
+    rng = random.Random(f"{seed}/video_r1")
+
+    def save(rel: str, frames: list) -> str:
+        (data / rel).parent.mkdir(parents=True, exist_ok=True)
+        _write_png(data / rel, frames[0]) if rel.endswith(".png") else _write_video(data / rel, frames)
+        return "./" + rel
+
+    def make(kind: str, pid: int, folder: str) -> dict:
+        c = rng.sample(list(COLOURS), 4)
+        n = rng.randint(2, 4)  # colours a video shows, 2 frames each
+        shows = [_frame(x, "kitchen", rng) for x in c[:n] for _ in range(2)]
+        options = rng.sample(c, 4)
+        letter = "ABCD"[options.index(c[0])]
+        ptype, data_type, problem, answer, frames = {
+            "mc_image": ("multiple choice", "image", "What colour is the object?", letter, [_frame(c[0], "kitchen", rng)]),
+            "mc_video": ("multiple choice", "video", "Which colour does the video show first?", letter, shows),
+            "numerical": ("numerical", "video", "How many different colours does the video show?", str(n), shows),
+            "OCR": ("OCR", "image", "What is written in the image?", f"{c[0]} cup", None),
+            "free-form": ("free-form", "image", "Describe the image.", f"a {c[0]} square on a grey background",
+                          [_frame(c[0], "kitchen", rng)]),
+            "regression": ("regression", "video", f"For how many seconds does the video show the {c[0]} object?",
+                           f"{n / 2:g}", [_frame(c[0], "kitchen", rng)] * n + [_frame(c[1], "kitchen", rng)] * (6 - n)),
+        }[kind]
+        if kind == "OCR":
+            img = Image.fromarray(_frame(None, "kitchen", rng))
+            ImageDraw.Draw(img).text((4, 22), answer, fill=(255, 255, 255))
+            frames = [np.asarray(img)]
+        path = save(f"{folder}/{kind}_{pid}.{'png' if data_type == 'image' else 'mp4'}", frames)
+        return dict(problem_id=pid, problem=problem, data_type=data_type, problem_type=ptype,
+                    options=[f"{x}. {o}" for x, o in zip("ABCD", options)] if ptype == "multiple choice" else [],
+                    process=f"<think>Let me think. I see the {c[0]} object, so the answer is {answer}.</think>",
+                    solution=f"<answer>{answer}</answer>", path=path, data_source=f"toy/{kind}")
+
+    kinds = ("mc_image", "mc_video", "numerical", "OCR", "free-form", "regression")
+    train = [make(kind, i * len(kinds) + k, "video_r1_toy") for i in range(per_kind) for k, kind in enumerate(kinds)]
+    (data / "Video-R1-toy.json").write_text(json.dumps(train, indent=1))
+    for name, title in BENCHMARKS.items():
+        rows = ("mc_video", "regression", "numerical") if name == "vsibench" else ("mc_video", "mc_image")
+        (data / "Evaluation").mkdir(parents=True, exist_ok=True)
+        (data / "Evaluation" / f"eval_{name}.json").write_text(
+            json.dumps([make(kind, i + 1, f"Evaluation/{title}") for i, kind in enumerate(rows)], indent=1))
 
 
 if __name__ == "__main__":

@@ -61,6 +61,59 @@ def test_toy_rule_pick():
     assert ev.toy_rule_pick(None, options) is None
 
 
+@pytest.mark.parametrize("pred, truth, expected", [
+    (100, 100, 1.0),
+    (96, 100, 1.0),  # relative error 0.04 < 1 - 0.95
+    (105, 100, 0.9),  # 0.05 is not < 0.05: passes 0.50 ... 0.90, not 0.95 (the reference's float32 passes it)
+    (130, 100, 0.4),  # 0.3 < 1 - t for t = 0.50, 0.55, 0.60, 0.65
+    (60, 100, 0.2),  # 0.4 < 1 - t for t = 0.50, 0.55
+    (150, 100, 0.0),  # 0.5 is not < 0.5
+    (-100, 100, 0.0),
+    (0, 0, 1.0), (0.1, 0, 0.0),  # truth 0: an exact hit only
+])
+def test_mean_relative_accuracy(pred, truth, expected):
+    assert ev.mean_relative_accuracy(pred, truth) == expected
+
+
+@pytest.mark.parametrize("output, gold, problem_type, reward", [
+    ("<think>x</think> <answer>B</answer>", "B", "multiple choice", 1.0),
+    ("B", "B", "multiple choice", 1.0),  # no tag: the whole output is the prediction (the reference's fallback)
+    ("<answer></answer> B", "B", "multiple choice", 0.0),  # empty tag: the whole output, "<answer></answer> B"
+    ("<answer>b</answer>", "B", "multiple choice", 0.0),
+    ("<answer>E</answer>", "E", "multiple choice", 1.0),  # MMVU has five options
+    ("<answer>12</answer>", "10", "regression", 0.6),  # relative error 0.2: t = 0.50 ... 0.75
+    ("<answer>twelve</answer>", "10", "regression", 0.0),
+    ("<answer>3</answer>", "3", "numerical", 1.0),
+    ("<answer>3.0</answer>", "3", "numerical", 0.0),
+])
+def test_benchmark_score(output, gold, problem_type, reward):
+    ex = dict(_example(gold=gold), problem_type=problem_type)
+    r = ev.benchmark_score(ex, "vsibench", output, length=4)
+    assert r["reward"] == reward and (r["level"], r["gold"], r["problem_type"]) == ("vsibench", gold, problem_type)
+    assert r["judge_pick"] is None and not r["skipped"]
+
+
+def test_benchmark_stats_and_table():
+    def rec(bench, id, problem_type, reward, skipped=False):
+        if skipped:
+            return dict(id=id, level=bench, domain=None, skipped=True)
+        return dict(id=id, level=bench, problem_type=problem_type, reward=reward, format=id % 2 == 0, length=10 * id,
+                    skipped=False)
+
+    records = [rec("mvbench", 1, "multiple choice", 1.0), rec("mvbench", 2, "multiple choice", 1.0),
+               rec("vsibench", 1, "multiple choice", 1.0), rec("vsibench", 2, "multiple choice", 0.0),
+               rec("vsibench", 3, "regression", 0.6), rec("vsibench", 4, "regression", 0.2),
+               rec("vsibench", 5, None, None, skipped=True)]
+    s = ev.summarize(records)
+    assert list(s) == ["vsibench", "mvbench"], "the paper's column order"
+    # VSI-Bench: accuracy 1/2 multiple choice, MRA (0.6+0.2)/2, score (1+0+0.6+0.2)/4; format ids 2, 4 of 4
+    assert s["vsibench"] == dict(n=4, skipped=1, score=45.0, accuracy=50.0, mra=40.0, format=50.0, mean_length=25.0)
+    assert (s["mvbench"]["score"], s["mvbench"]["accuracy"], s["mvbench"]["mra"]) == (100.0, 100.0, None)
+    md = ev.markdown(s, "m")
+    assert "| | VSI-Bench | MVBench |" in md and "| score (%) | 45.0 | 100.0 |" in md
+    assert "| mean relative accuracy, regression (%) | 40.0 | – |" in md and "strict" not in md
+
+
 # --- aggregation ---------------------------------------------------------------------------------
 def _rec(level, strict, lenient, fmt, length, answer, judge, domain=None, skipped=False, **kw):
     if skipped:

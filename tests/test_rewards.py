@@ -236,3 +236,100 @@ def test_bonus_groups_are_independent():
         bonus = consistency_bonus(T(acc1, acc2), T(conf1, conf2))
         assert_close(bonus[0], expected1)
         assert_close(bonus[1], consistency_bonus(T(acc2), T(conf2))[0])
+
+
+# --- accuracy by problem type (Video-R1): the reference's semantics ------------------
+
+
+def _acc(pred, gold, problem_type):
+    """Score one answer text as a completion would carry it."""
+    return accuracy_reward([f"<think>t</think><answer>{pred}</answer>"], [f"<answer>{gold}</answer>"], [problem_type])[0]
+
+
+@pytest.mark.parametrize("pred, gold, expected", [
+    ("3", "3", 1.0),
+    ("3.0", "3", 0.0),  # only one side has a decimal point: another precision was asked for
+    ("3.0", "3.00", 1.0),  # both have one: 3.0 == 3.0
+    ("1000", "1,000", 0.0),  # only one side has a comma, same rule (the reference's)
+    ("1,000", "1,000", 1.0),
+    ("1,000.5", "1000.5", 1.0),  # both have a "." -> commas dropped, 1000.5 == 1000.5
+    ("3.141", "3.14", 1.0),  # rounded to 2 decimals: 3.14 == 3.14
+    ("3.15", "3.14", 0.0),
+    ("-2", "-2", 1.0),
+    ("", "3", 0.0),  # empty answer
+    ("three", "3", 0.0),  # not a number
+    ("3 cups", "3", 0.0),
+    ("inf", "3", 0.0), ("nan", "3", 0.0), ("9" * 400, "3", 0.0),  # 9...9 overflows to inf
+])
+def test_numerical(pred, gold, expected):
+    assert _acc(pred, gold, "numerical") == expected
+
+
+@pytest.mark.parametrize("pred, gold, expected", [
+    ("10", "10", 1.0),
+    ("12", "10", 0.8),  # 1 - |12-10|/10
+    ("7", "10", 0.7),
+    ("10.0", "10", 1.0),  # no decimal-point rule for regression
+    ("1,000", "1000", 1.0),
+    ("30", "10", 0.0),  # relative error 2, capped at 1
+    ("-10", "10", 0.0),
+    ("0", "0", 1.0),  # truth 0: an exact 0 is right (the reference's epsilons give it 0) ...
+    ("0.5", "0", 0.0),  # ... anything else is infinitely wrong, relatively
+    ("", "10", 0.0), ("ten", "10", 0.0), ("nan", "10", 0.0), ("1e999", "10", 0.0),
+])
+def test_regression(pred, gold, expected):
+    assert _acc(pred, gold, "regression") == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("pred, gold, expected", [
+    ("red cup", "red cup", 1.0),
+    ("the red cup", "red cup", 0.5),  # 1 insertion / 2 reference words
+    ("red", "red cup", 0.5),  # 1 deletion / 2
+    ("Red cup", "red cup", 0.5),  # case counts, as in the reference
+    ("blue mug", "red cup", 0.0),  # 2 substitutions / 2
+    ("a b c d e", "red cup", 0.0),  # 5 edits / 2 = WER 2.5, clipped to 0
+    ("", "red cup", 0.0),
+])
+def test_ocr(pred, gold, expected):
+    assert _acc(pred, gold, "OCR") == expected
+
+
+@pytest.mark.parametrize("pred, gold, expected", [
+    ("the red cup", "the red cup", 1.0),
+    ("red cups", "red cup", 1.0),  # stemmed
+    # unigrams [a red cup is there] vs [the red cup are here]: 2 of 5 each way -> F 0.4;
+    # bigrams: "red cup" of 4 -> 0.25; longest common subsequence "red cup": 2/5 -> 0.4; mean 0.35
+    ("a red cup is there", "the red cups are here", 0.35),
+    ("blue mug", "red cup", 0.0),
+    ("", "red cup", 0.0),
+])
+def test_free_form(pred, gold, expected):
+    assert _acc(pred, gold, "free-form") == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("problem_type", ["multiple choice", "numerical", "OCR", "free-form", "regression"])
+def test_malformed_completions_score_zero(problem_type):
+    bad = ["", "no tags 3", "<answer>3", "</answer>3<answer>", "<answer>\x00\ufffd</answer>", "<answer>" + "9" * 5000 + "</answer>"]
+    assert accuracy_reward(bad, ["<answer>3</answer>"] * len(bad), [problem_type] * len(bad)) == [0.0] * len(bad)
+
+
+def test_problem_types_default_to_multiple_choice():
+    completions, solutions = ["<answer>B</answer>", "<answer>3.0</answer>"], ["B", "3"]
+    assert accuracy_reward(completions, solutions) == [1.0, 0.0]
+    assert accuracy_reward(completions, solutions, None) == accuracy_reward(completions, solutions, ["multiple choice"] * 2)
+    with pytest.raises(AssertionError, match="unknown problem_type 'essay'"):
+        accuracy_reward(completions, solutions, ["essay", "essay"])
+    with pytest.raises(AssertionError, match="1 problem types vs 2 completions"):
+        accuracy_reward(completions, solutions, ["numerical"])
+
+
+def test_bonus_on_graded_accuracies():
+    regression = [accuracy_reward([f"<answer>{p}</answer>"], ["10"], ["regression"])[0] for p in ("10", "14", "7", "19", "x")]
+    ocr = [accuracy_reward([f"<answer>{p}</answer>"], ["red cup"], ["OCR"])[0]
+           for p in ("red cup", "red", "blue mug", "the red cup", "")]
+    assert_close(T(regression, ocr), T([1.0, 0.6, 0.7, 0.1, 0.0], [1.0, 0.5, 0.0, 0.5, 0.0]))
+    conf = T([0.5, 0.9, 0.8, 0.95, 0.1], [0.2, 0.6, 0.9, 0.6, 0.9])
+    # regression: mean acc 2.4/5 = 0.48 -> accurate 1.0, 0.6, 0.7 (0.1 is not > 0.1 however confident);
+    #   level = (0.5+0.9+0.8)/3 = 0.733 -> confident: 0.6 and 0.7 -> bonus 0.5*acc = 0.3, 0.35
+    # OCR: mean 2.0/5 = 0.4 -> accurate 1.0, 0.5, 0.5; level = (0.2+0.6+0.6)/3 = 0.467 -> the two 0.5s: 0.25 each
+    assert_close(consistency_bonus(T(regression, ocr), conf), T([0.0, 0.3, 0.35, 0.0, 0.0], [0.0, 0.25, 0.0, 0.25, 0.0]))
