@@ -409,11 +409,13 @@ def main(argv: list[str] | None = None):
         # --- rollouts: G samples per prompt, vision encoded once per prompt ---
         t0 = time.perf_counter()
         policy.eval()
-        groups = []  # (example, batch, rollout) per readable prompt
-        for ex in prompts_for(step):
-            batch, kept = collate([ex])
-            if batch is None:
-                continue
+        batches = [(ex, batch) for ex in prompts_for(step) for batch, _ in [collate([ex])] if batch is not None]
+        # FSDP2 needs every rank to run the same passes: after unreadable samples were skipped, all ranks
+        # take as many prompts as the rank with the fewest (a step may thus train on fewer prompts)
+        n_common = torch.tensor(len(batches), device=device)
+        dist.all_reduce(n_common, op=dist.ReduceOp.MIN)
+        groups = []  # (example, batch, rollout) per prompt
+        for ex, batch in batches[:int(n_common)]:
             batch = batch.to(device)
             with torch.no_grad():
                 ro = rollout.generate_group(policy, batch, cfg.num_generations, max_new_tokens=cfg.max_new_tokens,
@@ -435,7 +437,7 @@ def main(argv: list[str] | None = None):
                 with torch.no_grad():
                     ref_mm = rollout.encode_vision(ref, batch)  # the reference's own weights: its own encoding
                     ro.ref_logps = rollout.completion_logprobs(ref, ro, ref_mm, chunk_size=cfg.logprob_chunk)  # (G, T)
-                ro.vision_calls += len(ref_mm)
+                ro.vision_calls += bool(ref_mm)
             if cfg.use_care:
                 span = rollout.answer_span_mask(ro.completion_ids, tokenizer, ro.completion_mask)  # (G, T)
                 conf = answer_confidence(ro.ref_logps.float().cpu(), span.cpu(), cfg.confidence_upper_bound).view(1, G)
@@ -459,7 +461,7 @@ def main(argv: list[str] | None = None):
         for _ in range(cfg.num_iterations):
             for ex, batch, ro in groups:
                 mm = rollout.encode_vision(policy, batch)  # once per prompt per iteration, with gradient
-                ro.vision_calls += len(mm)
+                ro.vision_calls += bool(mm)
                 logps = rollout.completion_logprobs(policy, ro, mm, chunk_size=cfg.logprob_chunk)  # (G, T)
                 old = logps.detach() if cfg.num_iterations == 1 else ro.old_logps
                 loss, st = policy_loss(logps, old, ro.advantages, ro.completion_mask, cfg.clip_eps,

@@ -9,8 +9,8 @@
 Rows are grouped by prompt: row r samples prompt `ro.prompt_index[r]`, N = B*G. A library file, no main:
 the same code runs on 1 GPU and under `accelerate launch` (each rank rolls out its own prompts).
 
-* Vision once: `encode_vision` runs the vision tower once per modality for all B prompts (a
-  "vision call" is one call of `model.model.visual`); `select_prompts` hands the features to the
+* Vision once: `encode_vision` runs the vision tower once for all images and videos of the B
+  prompts (a "vision call" is one call of `model.model.visual`); `select_prompts` hands the features to the
   G rows of each prompt by reference (transformers 5 `mm_encoder_outputs`), never recomputing them.
 * Log-probs of completion tokens only: the final hidden states go through the LM head
   `chunk_size` positions at a time (checkpointed under grad), so no (N, L, vocab) tensor exists and
@@ -78,15 +78,24 @@ def completion_mask(completion_ids: torch.Tensor, eos_id: int) -> tuple[torch.Te
 
 
 def encode_vision(model, batch) -> dict:
-    """All images and videos of `batch` through the vision tower: one call per modality present.
+    """All images and videos of `batch` through the vision tower in ONE call.
 
     Returns `mm_encoder_outputs` {modality: BaseModelOutputWithPooling(pooler_output=tuple of
-    (tokens_i, hidden) per image/video)}; gradient flows when enabled. len(result) = vision calls."""
-    mm = {}
-    for modality, (pixels, grid, _) in MODALITIES.items():
-        if batch.get(pixels) is not None:
-            out = getattr(model, f"get_{modality}_features")(batch[pixels], batch[grid], return_dict=True)
-            mm[modality] = BaseModelOutputWithPooling(pooler_output=tuple(out.pooler_output))
+    (tokens_i, hidden) per image/video)}; gradient flows when enabled. One call, not one per
+    modality: under FSDP2 a tower call is a collective, and a rank whose prompt has no video must
+    make as many calls as one whose prompt has. The tower attends within each grid item, so the
+    features equal per-modality calls; `get_image_features` takes any list of (t, h, w) grids."""
+    present = [(m, pixels, grid) for m, (pixels, grid, _) in MODALITIES.items() if batch.get(pixels) is not None]
+    if not present:
+        return {}
+    grids = torch.cat([batch[grid] for _, _, grid in present])  # (n_items, 3)
+    pixels = torch.cat([batch[p] for _, p, _ in present])  # (n_patches, C*T*P*P)
+    features = model.get_image_features(pixels, grids, return_dict=True).pooler_output  # one per item
+    mm, at = {}, 0
+    for modality, _, grid in present:
+        n = len(batch[grid])
+        mm[modality] = BaseModelOutputWithPooling(pooler_output=tuple(features[at:at + n]))
+        at += n
     return mm
 
 
@@ -195,7 +204,7 @@ def generate_group(model, batch, G: int, tokenizer, max_new_tokens: int = 768, t
     mask, truncated = completion_mask(ids, eos)
     texts = [tokenizer.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(ids, mask)]
     index = torch.arange(B, device=device).repeat_interleave(G)  # (N,)
-    return Rollout(batch, index, ids, mask, truncated, texts, mm, vision_calls=len(mm))
+    return Rollout(batch, index, ids, mask, truncated, texts, mm, vision_calls=1 if mm else 0)
 
 
 def token_logprobs(hidden: torch.Tensor, lm_head, targets: torch.Tensor, chunk_size: int = 512,
