@@ -193,6 +193,32 @@ def setup_distributed():
     return acc
 
 
+def resolve_run(cfg, device) -> Path:
+    """Fills the device-dependent defaults of `cfg` (also sft.py's config) and, with no model_path,
+    builds the toy world (rank 0 builds, the others wait); seeds torch; returns the output dir."""
+    import importlib.util
+
+    import torch.distributed as dist
+
+    on_gpu = device.type == "cuda"
+    cfg.bf16 = on_gpu if cfg.bf16 is None else cfg.bf16
+    cfg.gradient_checkpointing = on_gpu if cfg.gradient_checkpointing is None else cfg.gradient_checkpointing
+    if cfg.attn_implementation is None:
+        cfg.attn_implementation = "flash_attention_2" if on_gpu and importlib.util.find_spec("flash_attn") else "sdpa"
+    if not cfg.model_path:
+        import toy
+
+        if dist.get_rank() == 0:
+            toy.build(cfg.toy_dir)
+        dist.barrier()
+        cfg.model_path, cfg.data_root = str(Path(cfg.toy_dir) / "model"), str(Path(cfg.toy_dir) / "data")
+    assert cfg.data_root, "--data_root is required with --model_path (the SEED-Bench-R1 directory)"
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    return out
+
+
 def load_model(path, cfg: Config, device, trainable: bool):
     """A Qwen2.5-VL in fp32 (master weights), sharded with FSDP2; compute in bf16 when cfg.bf16."""
     import torch.distributed as dist
@@ -329,26 +355,9 @@ def main(argv: list[str] | None = None):
                          total_reward)
 
     cfg = parse_config(argv)
-    acc = setup_distributed()
-    device, rank, world = acc.device, dist.get_rank(), dist.get_world_size()
-    on_gpu = device.type == "cuda"
-    cfg.bf16 = on_gpu if cfg.bf16 is None else cfg.bf16
-    cfg.gradient_checkpointing = on_gpu if cfg.gradient_checkpointing is None else cfg.gradient_checkpointing
-    if cfg.attn_implementation is None:
-        import importlib.util
-
-        cfg.attn_implementation = "flash_attention_2" if on_gpu and importlib.util.find_spec("flash_attn") else "sdpa"
-    if not cfg.model_path:  # the toy world, built once per directory (rank 0 builds, the others wait)
-        import toy
-
-        if rank == 0:
-            toy.build(cfg.toy_dir)
-        dist.barrier()
-        cfg.model_path, cfg.data_root = str(Path(cfg.toy_dir) / "model"), str(Path(cfg.toy_dir) / "data")
-    assert cfg.data_root, "--data_root is required with --model_path (the SEED-Bench-R1 directory)"
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
+    device = setup_distributed().device
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out = resolve_run(cfg, device)
 
     # --- models: policy, and the EMA reference (CARE) or a frozen one (beta > 0) ---
     processor = AutoProcessor.from_pretrained(cfg.model_path)

@@ -170,7 +170,8 @@ def _seeded(seed: int | None, device: torch.device):
 
 @torch.no_grad()
 def generate_group(model, batch, G: int, tokenizer, max_new_tokens: int = 768, temperature: float = 1.0,
-                   top_p: float = 0.95, seeds: list[int] | None = None, eos_token: str = "<|im_end|>") -> Rollout:
+                   top_p: float = 0.95, seeds: list[int] | None = None, eos_token: str = "<|im_end|>",
+                   min_new_tokens: int = 0) -> Rollout:
     """G sampled completions for each of the B prompts of `batch` (a data.Collator output).
 
     HF `generate` has no per-row generator, so prompts are generated one at a time (G rows each)
@@ -196,6 +197,7 @@ def generate_group(model, batch, G: int, tokenizer, max_new_tokens: int = 768, t
             with _seeded(None if seeds is None else seeds[b], device):
                 out = model.generate(**inputs, do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
                                      repetition_penalty=1.0, max_new_tokens=max_new_tokens, num_return_sequences=G,
+                                     min_new_tokens=min_new_tokens,  # > 0 only for benchmarks
                                      eos_token_id=eos, pad_token_id=pad, synced_gpus=False,
                                      suppress_tokens=placeholders)
             completions.append(out[:, int(keep.sum()):])  # (G, T_b)
