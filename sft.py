@@ -1,0 +1,197 @@
+"""Supervised fine-tuning on chain-of-thought rows: SEED-Bench-R1's SFT baseline, and the toy's warm start.
+
+    python sft.py                                          # toy world: warm-starts the toy model, ~1 min on CPU
+    accelerate launch sft.py --model_path Qwen/Qwen2.5-VL-7B-Instruct --data_root SEED-Bench-R1
+    accelerate launch --config_file configs/fsdp_8gpu.yaml sft.py ...   # one node, 8 GPUs
+
+Each row of `annotations/training_with_cot_6k.jsonl` becomes the training prompt (data.py: same
+options, same shuffle, same media) followed by the target `<think>{cot}</think><answer>{X}</answer><|im_end|>`,
+where X is the letter at which the CoT's chosen option (`cot_answer`, else `answer`) lands in this
+epoch's shuffled options. A Video-R1 file (rows with `process`) works too: X is its solution. The loss is the mean cross-entropy over target tokens only (prompt: -100);
+<|im_end|> is a target, so the model learns to stop. Sharding and data split are grpo_care.py's: FSDP2
+for any process count, step s takes rows [s*B*world, (s+1)*B*world) of the epoch's order, this rank every
+world-th. The result is a `save_pretrained` directory (model + processor) in --output_dir.
+
+Departures, and why:
+- The vision tower runs once per batch on images and videos together (rollout.encode_vision), not once
+  per modality: under FSDP2 every tower call is a set of collectives, and a rank whose batch happens to
+  hold no video would make one call fewer than the others and abort the run (gloo: "collective mismatch").
+- Each rank averages over its own target tokens and FSDP averages the ranks (mean of per-rank means).
+- No intermediate checkpoints or resume: SFT here is one short pass.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import random
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+RESPONSE = "<think>{cot}</think><answer>{answer}</answer>"
+
+
+def sft_response(example: dict) -> str:
+    """The target text of one example, without the closing <|im_end|>. The answer is the letter of
+    `cot_answer` (an option text) where given, else the example's solution."""
+    from data import LETTERS
+
+    answer = example["solution"]
+    if example.get("cot_answer") is not None:
+        assert example["cot_answer"] in example["options"], (
+            f"sample {example['id']}: the CoT's answer {example['cot_answer']!r} is not among the options")
+        answer = LETTERS[example["options"].index(example["cot_answer"])]
+    return RESPONSE.format(cot=example["cot"], answer=answer)
+
+
+def append_targets(input_ids, attention_mask, mm_token_type_ids, targets: list[list[int]], pad_id: int) -> dict:
+    """Left-padded prompts `(B, P)` + target ids -> left-padded `(B, L)` inputs and labels.
+
+    Labels are -100 on prompt and padding, the target ids on the target, so only the target is learned."""
+    from torch.nn.utils.rnn import pad_sequence
+
+    rows = {"input_ids": [], "labels": [], "attention_mask": [], "mm_token_type_ids": []}
+    for ids, mask, types, tgt in zip(input_ids, attention_mask, mm_token_type_ids, targets):
+        real, tgt = mask.bool(), torch.tensor(tgt, dtype=ids.dtype)  # (P,), (R,)
+        n = int(real.sum())
+        rows["input_ids"].append(torch.cat([ids[real], tgt]))  # (n + R,)
+        rows["labels"].append(torch.cat([torch.full((n,), -100, dtype=ids.dtype), tgt]))  # (n + R,)
+        rows["attention_mask"].append(torch.ones(n + len(tgt), dtype=mask.dtype))
+        rows["mm_token_type_ids"].append(torch.cat([types[real], torch.zeros_like(tgt)]))  # targets are text
+    pad = {"input_ids": pad_id, "labels": -100, "attention_mask": 0, "mm_token_type_ids": 0}
+    return {k: pad_sequence(v, batch_first=True, padding_value=pad[k], padding_side="left") for k, v in rows.items()}
+
+
+@dataclass
+class SFTConfig:
+    model_path: str | None = field(default=None, metadata={"help": "save_pretrained dir or hub id; empty = toy world"})
+    data_root: str | None = field(default=None, metadata={"help": "SEED-Bench-R1 root (annotations/, videos/, images/)"})
+    train_file: str = field(default="annotations/training_with_cot_6k.jsonl", metadata={"help": "relative to data_root"})
+    output_dir: str = field(default="outputs/sft", metadata={"help": "the fine-tuned model + processor, metrics.jsonl"})
+    toy_dir: str = field(default=".cache/toy", metadata={"help": "where the toy world is built when model_path is empty"})
+    seed: int = field(default=42, metadata={"help": "seeds data order and option shuffles"})
+    learning_rate: float = field(default=1e-5, metadata={"help": "peak learning rate, cosine decay to 0"})
+    warmup_ratio: float = field(default=0.03, metadata={"help": "linear warm-up fraction of the steps"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
+    prompts_per_device: int = field(default=1, metadata={"help": "rows per process per step"})
+    num_epochs: int = field(default=1, metadata={"help": "passes over the training file"})
+    max_steps: int = field(default=-1, metadata={"help": "stop after this many steps (-1: the epochs decide)"})
+    video_fps: float = field(default=2.0, metadata={"help": "frames sampled per second"})
+    video_min_frames: int = field(default=4, metadata={"help": "fewest frames per video"})
+    video_max_frames: int = field(default=16, metadata={"help": "most frames per video"})
+    video_max_pixels: int = field(default=128 * 28 * 28, metadata={"help": "pixels per video frame (max)"})
+    video_min_pixels: int = field(default=128 * 28 * 28, metadata={"help": "pixels per video frame (min)"})
+    image_max_pixels: int = field(default=256 * 28 * 28, metadata={"help": "pixels per image (max)"})
+    image_min_pixels: int = field(default=4 * 28 * 28, metadata={"help": "pixels per image (min)"})
+    bf16: bool | None = field(default=None, metadata={"help": "bf16 compute over fp32 weights; default: on GPU"})
+    gradient_checkpointing: bool | None = field(default=None, metadata={"help": "default: on GPU"})
+    attn_implementation: str | None = field(default=None, metadata={"help": "default: flash_attention_2 if installed, else sdpa"})
+
+
+# The toy warm start, applied when --model_path is empty to every field not given on the command line.
+TOY_DEFAULTS = dict(learning_rate=3e-3, prompts_per_device=8, num_epochs=4, warmup_ratio=0.05,
+                    output_dir="outputs/toy_sft")
+
+
+def parse_config(argv: list[str] | None = None) -> SFTConfig:
+    from transformers import HfArgumentParser
+
+    import toy
+
+    argv = sys.argv[1:] if argv is None else argv
+    (cfg,) = HfArgumentParser(SFTConfig).parse_args_into_dataclasses(args=argv)
+    given = {a.lstrip("-").split("=")[0] for a in argv if a.startswith("--")}
+    for k, v in ({**TOY_DEFAULTS, **toy.TOY_VISION} if not cfg.model_path else {}).items():
+        if k not in given:
+            setattr(cfg, k, v)
+    return cfg
+
+
+def main(argv: list[str] | None = None):
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from tqdm import tqdm
+    from transformers import AutoProcessor, get_cosine_schedule_with_warmup
+
+    from data import Collator, VisionSpec, load_examples, read_rows
+    from grpo_care import load_model, rank0_print, resolve_run, setup_distributed
+    from rollout import encode_vision
+
+    cfg = parse_config(argv)
+    device = setup_distributed().device
+    rank, world, on_gpu = dist.get_rank(), dist.get_world_size(), device.type == "cuda"
+    out = resolve_run(cfg, device)
+
+    processor = AutoProcessor.from_pretrained(cfg.model_path)
+    tok = processor.tokenizer
+    model = load_model(cfg.model_path, cfg, device, trainable=True)
+    model.train()
+    collate = Collator(processor, VisionSpec(**{f.name: getattr(cfg, f.name) for f in fields(VisionSpec)}))
+    train_path = Path(cfg.data_root) / cfg.train_file
+    rows = read_rows(train_path)
+    per_step = cfg.prompts_per_device * world
+    steps_per_epoch = len(rows) // per_step
+    assert steps_per_epoch > 0, f"{train_path}: {len(rows)} rows < {per_step} rows per step"
+    total = steps_per_epoch * cfg.num_epochs if cfg.max_steps <= 0 else min(cfg.max_steps, steps_per_epoch * cfg.num_epochs)
+
+    @functools.lru_cache(maxsize=1)
+    def epoch_order(epoch: int) -> list[dict]:  # grpo_care's options and order: independent of the process count
+        exs = [dict(ex, cot_answer=r.get("cot_answer"))
+               for ex, r in zip(load_examples(train_path, cfg.data_root, cfg.seed, epoch), rows)]
+        assert all(ex["cot"] for ex in exs), f"{train_path}: every row needs a 'cot' (the reasoning to imitate)"
+        random.Random(f"{cfg.seed}/order/{epoch}").shuffle(exs)
+        return exs
+
+    def examples_for(step: int) -> list[dict]:
+        epoch, s = divmod(step, steps_per_epoch)
+        return epoch_order(epoch)[s * per_step:(s + 1) * per_step][rank::world]
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
+    rank0_print(f"SFT: {total} steps, {world} process(es) x {cfg.prompts_per_device} row(s), {len(rows)} rows, device={device}")
+    log = open(out / "metrics.jsonl", "w") if rank == 0 else None
+    last = None
+    for step in (bar := tqdm(range(total), disable=rank != 0, desc="sft")):
+        batch, kept = collate(examples_for(step))
+        weight = 1.0
+        if batch is None:  # every row unreadable: repeat the last batch at weight 0 so the ranks' collectives match
+            assert last is not None, "the first batch of this rank is unreadable"
+            (batch, kept), weight = last, 0.0
+        last = (batch, kept)
+        targets = [tok(sft_response(ex) + tok.eos_token, add_special_tokens=False).input_ids for ex in kept]
+        inputs = append_targets(batch["input_ids"], batch["attention_mask"], batch["mm_token_type_ids"], targets,
+                                tok.pad_token_id)
+        batch = batch.to(device)
+        grids = {k: batch[k] for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts") if k in batch}
+        loss = model(**{k: v.to(device) for k, v in inputs.items()}, **grids,  # grids: mrope positions
+                     mm_encoder_outputs=encode_vision(model, batch)).loss
+        (loss * weight).backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        stats = torch.tensor([loss.item() * weight, weight], dtype=torch.float64, device=device)
+        dist.all_reduce(stats)
+        m = dict(step=step + 1, loss=stats[0].item() / max(stats[1].item(), 1.0), grad_norm=grad_norm.item(),
+                 lr=scheduler.get_last_lr()[0], skipped=collate.skipped)
+        if log:
+            log.write(json.dumps(m) + "\n")
+            log.flush()
+            bar.set_postfix(loss=f"{m['loss']:.3f}")
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        model.save_pretrained(out, state_dict=full)  # loadable by plain transformers
+        processor.save_pretrained(out)
+        log.close()
+        rank0_print(f"done: {out} (loss {m['loss']:.3f}), metrics in {out / 'metrics.jsonl'}")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
