@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None):
 
     cfg = parse_config(argv)
     device = setup_distributed().device
-    rank, world, on_gpu = dist.get_rank(), dist.get_world_size(), device.type == "cuda"
+    rank, world = dist.get_rank(), dist.get_world_size()
     out = resolve_run(cfg, device)
 
     processor = AutoProcessor.from_pretrained(cfg.model_path)

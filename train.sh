@@ -40,7 +40,7 @@ final=$(ls -d "$rl"/checkpoint-* | sort -t- -k2 -n | tail -1)
 $py evaluate.py --model_path "$final" --data_root "$toy/data" --toy --max_new_tokens 96 --output_dir "$final/eval"
 $py - "$sft/eval/results.json" "$final/eval/results.json" "$start" <<'PY'
 import json, sys, time
-before, after = (json.load(open(p)) for p in sys.argv[1:3])
+before, after = (json.load(open(p))["levels"] for p in sys.argv[1:3])
 pct = lambda v: "  –  " if v is None else f"{v:5.1f}"
 print(f"\n{'toy world':<28}{'before RL (SFT)':>16}{'after GRPO-CARE':>17}")
 for level in ("L1", "L2", "L3"):
