@@ -91,8 +91,9 @@ class SFTConfig:
     attn_implementation: str | None = field(default=None, metadata={"help": "default: flash_attention_2 if installed, else sdpa"})
 
 
-# The toy warm start, applied when --model_path is empty to every field not given on the command line.
-TOY_DEFAULTS = dict(learning_rate=3e-3, prompts_per_device=8, num_epochs=4, warmup_ratio=0.05,
+# The toy warm start, applied when --model_path is empty to every field not given on the command line:
+# 16 epochs of the 240 toy rows = 240 steps of 16 rows, ~2 min on 2 CPU cores.
+TOY_DEFAULTS = dict(learning_rate=3e-3, prompts_per_device=16, num_epochs=16, warmup_ratio=0.05,
                     output_dir="outputs/toy_sft")
 
 
