@@ -33,6 +33,7 @@ Core math of the update, as pure functions (tensors in, tensors out, no model, n
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -104,7 +105,29 @@ def ema_update_(ema_params, params, decay):
 
 
 @dataclass
-class Config:
+class MediaSystemConfig:
+    """The media and system fields shared by grpo_care.Config and sft.SFTConfig."""
+    # media (qwen-vl-utils)
+    video_fps: float = field(default=2.0, metadata={"help": "frames sampled per second"})
+    video_min_frames: int = field(default=4, metadata={"help": "fewest frames per video"})
+    video_max_frames: int = field(default=16, metadata={"help": "most frames per video"})
+    video_max_pixels: int = field(default=128 * 28 * 28, metadata={"help": "pixels per video frame (max)"})
+    video_min_pixels: int = field(default=128 * 28 * 28, metadata={"help": "pixels per video frame (min)"})
+    image_max_pixels: int = field(default=256 * 28 * 28, metadata={"help": "pixels per image (max)"})
+    image_min_pixels: int = field(default=4 * 28 * 28, metadata={"help": "pixels per image (min)"})
+    # system
+    bf16: bool | None = field(default=None, metadata={"help": "bf16 compute over fp32 weights; default: on GPU"})
+    gradient_checkpointing: bool | None = field(default=None, metadata={"help": "default: on GPU"})
+    attn_implementation: str | None = field(default=None, metadata={"help": "default: flash_attention_2 if installed, else sdpa"})
+
+    def vision_spec(self):
+        from data import VisionSpec
+
+        return VisionSpec(**{f.name: getattr(self, f.name) for f in dataclasses.fields(VisionSpec)})
+
+
+@dataclass
+class Config(MediaSystemConfig):
     # model and data (leave model_path empty for the built-in toy world)
     model_path: str | None = field(default=None, metadata={"help": "save_pretrained dir or hub id; empty = toy world"})
     data_root: str | None = field(default=None, metadata={"help": "SEED-Bench-R1 root (annotations/, videos/, images/)"})
@@ -137,18 +160,6 @@ class Config:
     consistency_margin: float = field(default=0.0, metadata={"help": "confident = conf >= level - margin"})
     ref_ema_decay: float = field(default=0.995, metadata={"help": "EMA decay of the reference"})
     ref_ema_every: int = field(default=10, metadata={"help": "steps between EMA updates"})
-    # media (qwen-vl-utils)
-    video_fps: float = field(default=2.0, metadata={"help": "frames sampled per second"})
-    video_min_frames: int = field(default=4, metadata={"help": "fewest frames per video"})
-    video_max_frames: int = field(default=16, metadata={"help": "most frames per video"})
-    video_max_pixels: int = field(default=128 * 28 * 28, metadata={"help": "pixels per video frame (max)"})
-    video_min_pixels: int = field(default=128 * 28 * 28, metadata={"help": "pixels per video frame (min)"})
-    image_max_pixels: int = field(default=256 * 28 * 28, metadata={"help": "pixels per image (max)"})
-    image_min_pixels: int = field(default=4 * 28 * 28, metadata={"help": "pixels per image (min)"})
-    # system
-    bf16: bool | None = field(default=None, metadata={"help": "bf16 compute over fp32 weights; default: on GPU"})
-    gradient_checkpointing: bool | None = field(default=None, metadata={"help": "default: on GPU"})
-    attn_implementation: str | None = field(default=None, metadata={"help": "default: flash_attention_2 if installed, else sdpa"})
     save_steps: int = field(default=500, metadata={"help": "checkpoint every N steps (and at the end)"})
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "checkpoint dir, or 'latest'"})
     report_to: str = field(default="none", metadata={"help": "'tensorboard' to also write event files"})
@@ -350,7 +361,7 @@ def main(argv: list[str] | None = None):
     from transformers import AutoProcessor, get_cosine_schedule_with_warmup
 
     import rollout
-    from data import Collator, VisionSpec, load_examples
+    from data import Collator, load_examples
     from rewards import (accuracy_reward, answer_confidence, consistency_bonus, format_reward, group_advantages,
                          total_reward)
 
@@ -368,8 +379,7 @@ def main(argv: list[str] | None = None):
         ref.eval()
 
     # --- data: a fixed order per epoch; step s takes prompts [s*B, (s+1)*B) of it, this rank every world-th ---
-    vision = VisionSpec(cfg.video_fps, cfg.video_min_frames, cfg.video_max_frames, cfg.video_max_pixels,
-                        cfg.video_min_pixels, cfg.image_max_pixels, cfg.image_min_pixels)
+    vision = cfg.vision_spec()
     train_path = Path(cfg.data_root) / cfg.train_file
     n_rows = len(load_examples(train_path, cfg.data_root))
     prompts_per_step = cfg.prompts_per_device * world

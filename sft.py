@@ -25,10 +25,12 @@ import functools
 import json
 import random
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from grpo_care import MediaSystemConfig
 
 RESPONSE = "<think>{cot}</think><answer>{answer}</answer>"
 
@@ -65,7 +67,7 @@ def append_targets(input_ids, attention_mask, mm_token_type_ids, targets: list[l
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(MediaSystemConfig):
     model_path: str | None = field(default=None, metadata={"help": "save_pretrained dir or hub id; empty = toy world"})
     data_root: str | None = field(default=None, metadata={"help": "SEED-Bench-R1 root (annotations/, videos/, images/)"})
     train_file: str = field(default="annotations/training_with_cot_6k.jsonl", metadata={"help": "relative to data_root"})
@@ -79,16 +81,6 @@ class SFTConfig:
     prompts_per_device: int = field(default=1, metadata={"help": "rows per process per step"})
     num_epochs: int = field(default=1, metadata={"help": "passes over the training file"})
     max_steps: int = field(default=-1, metadata={"help": "stop after this many steps (-1: the epochs decide)"})
-    video_fps: float = field(default=2.0, metadata={"help": "frames sampled per second"})
-    video_min_frames: int = field(default=4, metadata={"help": "fewest frames per video"})
-    video_max_frames: int = field(default=16, metadata={"help": "most frames per video"})
-    video_max_pixels: int = field(default=128 * 28 * 28, metadata={"help": "pixels per video frame (max)"})
-    video_min_pixels: int = field(default=128 * 28 * 28, metadata={"help": "pixels per video frame (min)"})
-    image_max_pixels: int = field(default=256 * 28 * 28, metadata={"help": "pixels per image (max)"})
-    image_min_pixels: int = field(default=4 * 28 * 28, metadata={"help": "pixels per image (min)"})
-    bf16: bool | None = field(default=None, metadata={"help": "bf16 compute over fp32 weights; default: on GPU"})
-    gradient_checkpointing: bool | None = field(default=None, metadata={"help": "default: on GPU"})
-    attn_implementation: str | None = field(default=None, metadata={"help": "default: flash_attention_2 if installed, else sdpa"})
 
 
 # The toy warm start, applied when --model_path is empty to every field not given on the command line:
@@ -117,7 +109,7 @@ def main(argv: list[str] | None = None):
     from tqdm import tqdm
     from transformers import AutoProcessor, get_cosine_schedule_with_warmup
 
-    from data import Collator, VisionSpec, load_examples, read_rows
+    from data import Collator, load_examples, read_rows
     from grpo_care import load_model, rank0_print, resolve_run, setup_distributed
     from rollout import encode_vision
 
@@ -130,7 +122,7 @@ def main(argv: list[str] | None = None):
     tok = processor.tokenizer
     model = load_model(cfg.model_path, cfg, device, trainable=True)
     model.train()
-    collate = Collator(processor, VisionSpec(**{f.name: getattr(cfg, f.name) for f in fields(VisionSpec)}))
+    collate = Collator(processor, cfg.vision_spec())
     train_path = Path(cfg.data_root) / cfg.train_file
     rows = read_rows(train_path)
     per_step = cfg.prompts_per_device * world

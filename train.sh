@@ -7,14 +7,7 @@
 # Multi-GPU: ACCELERATE_CONFIG=configs/fsdp_4gpu.yaml ./train.sh --model_path ... --data_root ...
 set -euo pipefail
 cd "$(dirname "$0")"
-if [ ! -x .venv/bin/python ]; then
-  python3 -m venv .venv
-fi
-if [ ! -f .venv/.installed ] || [ requirements.txt -nt .venv/.installed ]; then
-  .venv/bin/pip install -q --disable-pip-version-check -r requirements.txt
-  touch .venv/.installed
-fi
-export TOKENIZERS_PARALLELISM=false
+source ./setup.sh
 launch=(.venv/bin/accelerate launch)
 if [ -n "${ACCELERATE_CONFIG:-}" ]; then
   launch+=(--config_file "$ACCELERATE_CONFIG")
