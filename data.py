@@ -21,7 +21,8 @@ rows carrying `problem_id`/`problem_type` are Video-R1, anything else SEED-Bench
 
 Training rows of SEED-Bench-R1 get 3 distractors sampled from `negative_answers` plus `answer`,
 shuffled by a generator seeded with (seed, epoch, sample_id): the same run sees the same options
-whatever the process count, and a new epoch reshuffles deterministically. Validation rows keep
+whatever the process count, and a new epoch reshuffles deterministically (`shuffle_options=False`:
+alphabetical order instead, the toy's setting, see toy.py). Validation rows keep
 `choice_a`…`choice_d` in file order with `golden_choice_idx`. Video-R1 options stay in file order,
 as in the reference.
 
@@ -130,10 +131,11 @@ def prompt_text(question: str, options: list[str]) -> str:
 
 
 def make_example(row: dict, data_root: str | os.PathLike, seed: int = 0, epoch: int = 0,
-                 source: str = "?") -> dict:
+                 source: str = "?", shuffle_options: bool = True) -> dict:
     """One annotation row -> {id, options, solution, prompt, video, image, level info}.
 
-    `source` names the file (and line) for error messages."""
+    `source` names the file (and line) for error messages. `shuffle_options=False` lists a training
+    row's 4 options in alphabetical order instead of shuffling them (the toy's setting)."""
     validation = "golden_choice_idx" in row
     for field in VALIDATION_FIELDS if validation else TRAIN_FIELDS:
         if field not in row:
@@ -146,7 +148,10 @@ def make_example(row: dict, data_root: str | os.PathLike, seed: int = 0, epoch: 
         assert len(row["negative_answers"]) >= 3, f"{source}: sample_id={row['sample_id']}: fewer than 3 negative_answers"
         rng = random.Random(f"{seed}/{epoch}/{row['sample_id']}")
         options = rng.sample(row["negative_answers"], 3) + [row["answer"]]
-        rng.shuffle(options)
+        if shuffle_options:
+            rng.shuffle(options)
+        else:
+            options.sort()
         solution = LETTERS[options.index(row["answer"])]
     root = Path(data_root)
     has_video = len(row["task_progress_metadata"]) > 0  # rows at the first step are image-only
@@ -188,12 +193,13 @@ def make_video_r1_example(row: dict, data_root: str | os.PathLike, source: str =
     )
 
 
-def load_examples(path: str | os.PathLike, data_root: str | os.PathLike, seed: int = 0, epoch: int = 0) -> list[dict]:
+def load_examples(path: str | os.PathLike, data_root: str | os.PathLike, seed: int = 0, epoch: int = 0,
+                  shuffle_options: bool = True) -> list[dict]:
     """Examples of a SEED-Bench-R1 or a Video-R1 file; the first row's keys tell which."""
     rows = read_rows(path)
     if rows and {"problem_id", "problem_type"} & rows[0].keys():
         return [make_video_r1_example(r, data_root, source=f"{path}") for r in rows]
-    return [make_example(r, data_root, seed, epoch, source=f"{path}") for r in rows]
+    return [make_example(r, data_root, seed, epoch, f"{path}", shuffle_options) for r in rows]
 
 
 def messages(example: dict, vision: VisionSpec) -> list[dict]:

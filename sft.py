@@ -1,6 +1,6 @@
 """Supervised fine-tuning on chain-of-thought rows: SEED-Bench-R1's SFT baseline, and the toy's warm start.
 
-    python sft.py                                          # toy world: warm-starts the toy model, ~1 min on CPU
+    python sft.py                                          # toy world: warm-starts the toy model, ~2 min on CPU
     accelerate launch sft.py --model_path Qwen/Qwen2.5-VL-7B-Instruct --data_root SEED-Bench-R1
     accelerate launch --config_file configs/fsdp_8gpu.yaml sft.py ...   # one node, 8 GPUs
 
@@ -84,8 +84,8 @@ class SFTConfig(MediaSystemConfig):
 
 
 # The toy warm start, applied when --model_path is empty to every field not given on the command line:
-# 16 epochs of the 240 toy rows = 240 steps of 16 rows, ~2 min on 2 CPU cores.
-TOY_DEFAULTS = dict(learning_rate=3e-3, prompts_per_device=16, num_epochs=16, warmup_ratio=0.05,
+# 16 epochs of the 240 toy rows = 240 steps of 16 rows, ~2 min on 2 CPU cores; options in toy.py's order.
+TOY_DEFAULTS = dict(shuffle_options=False, learning_rate=3e-3, prompts_per_device=16, num_epochs=16, warmup_ratio=0.05,
                     output_dir="outputs/toy_sft")
 
 
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None):
     @functools.lru_cache(maxsize=1)
     def epoch_order(epoch: int) -> list[dict]:  # grpo_care's options and order: independent of the process count
         exs = [dict(ex, cot_answer=r.get("cot_answer"))
-               for ex, r in zip(load_examples(train_path, cfg.data_root, cfg.seed, epoch), rows)]
+               for ex, r in zip(load_examples(train_path, cfg.data_root, cfg.seed, epoch, cfg.shuffle_options), rows)]
         assert all(ex["cot"] for ex in exs), f"{train_path}: every row needs a 'cot' (the reasoning to imitate)"
         random.Random(f"{cfg.seed}/order/{epoch}").shuffle(exs)
         return exs

@@ -11,15 +11,24 @@ FSDP2) must be the one that trains them. So this file builds, from nothing and o
 * `DIR/data/{annotations,videos,images}` laid out like SEED-Bench-R1, where the right next action
   is decidable from the pixels: the current-observation image shows one coloured object on a
   background and the answer is "<verb> the <colour> <object>"; the distractors differ only in
-  the colour. The progress video shows the objects already handled.
-  Levels: L1 = training distribution (EpicKitchens, grey kitchens); L2 = new environment (other
-  background palette, object elsewhere in the frame); L3 = Ego4D, new tasks, four domains.
+  the colour (four colours, so every question shows all four). The progress video shows the
+  objects already handled. Levels: L1 = training distribution (EpicKitchens, grey kitchens);
+  L2 = new environment (other background palette, object elsewhere in the frame); L3 = Ego4D,
+  new tasks, four domains.
 * `training_with_cot_6k.jsonl`, the SFT warm start's rows: reasoning (`cot`) that names the colour
-  cue and "so the next step is to <action>.", and the option it answers (`cot_answer`). Flaws are
-  planted in set fractions (COT_MISREAD, COT_INCONSISTENT; `cot_flaw` labels each row, a toy-only
-  field) so that the warm-started model reasons imperfectly and RL, and CARE, have work to do.
+  cue and "so the next step is to <action>.", and the option it answers (`cot_answer`). The
+  teacher has two systematic flaws, each in a set fraction of the rows it can touch (`cot_flaw`
+  labels each row, a toy-only field): it reads orange as red (COT_MISREAD of the orange rows:
+  consistent but wrong), and in "wash the dishes" rows its answer slips to the next letter after
+  reasoning that names the right action (COT_INCONSISTENT of them: inconsistent). The warm-started
+  model's greedy answers inherit both flaws (toy-L1 ~55 %) while its samples still hold the right
+  behaviour some of the time: RL has work to do, and CARE has inconsistency to find.
 
-Run:  python toy.py --out DIR [--seed 0] [--n_train 240] [--force]
+Departures from SEED-Bench-R1, toy only: options are listed in alphabetical order (the toy runs
+with `--shuffle_options false`, validation rows are written that way), so each colour has one
+letter; a 64-wide model cannot learn to find a shuffled option in minutes of CPU.
+
+Run:  python toy.py --out DIR [--seed 0] [--n_train 240] [--n_val 200] [--force]
 The 7B run uses the same code with `--model_path Qwen/Qwen2.5-VL-7B-Instruct --data_root <SEED-Bench-R1>`.
 """
 from __future__ import annotations
@@ -57,10 +66,11 @@ SPECIAL_TOKENS = [
     "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
 ]
 
-COLOURS = {
-    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
-    "yellow": (235, 215, 40), "purple": (140, 60, 180), "orange": (245, 140, 30),
-}
+# Four colours: every row shows all four options, and with the toy's alphabetical option order
+# (--shuffle_options false) each colour has its own letter, blue A ... red D. A 64-wide, 2-layer model
+# did not learn to find a shuffled option in 3,000 steps; with this order sft.py's 240 steps learn the
+# cue -> action -> letter chain on the teacher's clean rows (100 % of clean toy-L1 rows, greedy).
+COLOURS = {"blue": (40, 80, 220), "green": (40, 170, 60), "orange": (245, 140, 30), "red": (220, 40, 40)}
 # (verb, object) per task goal. Training and L1/L2 use the kitchen tasks; L3 brings new ones.
 KITCHEN_TASKS = {
     "make a fruit salad": [("pick up", "bowl"), ("cut", "fruit"), ("wash", "knife")],
@@ -81,11 +91,14 @@ ENVIRONMENTS = {
 }
 QUESTION = ("Considering the progress shown in the video and my current observation in the last "
             "frame, what action should I take next in order to {goal}?")
-# Flaws of the chain-of-thought rows (the SFT warm start's teacher), as fractions of the training rows.
-# Trained on them, the tiny model reasons imperfectly, as a real SFT model does: it sometimes misreads
-# the cue, and sometimes its answer does not follow from its reasoning, which is what CARE targets.
-COT_MISREAD = 0.3  # names a wrong colour and that colour's action, and answers it: consistent but wrong
-COT_INCONSISTENT = 0.2  # names the right colour and action, then answers another option: inconsistent
+# Flaws of the chain-of-thought rows (the SFT warm start's teacher). They are systematic, as a real
+# teacher's blind spots are, and they hold for a majority, not all, of the rows they touch: the
+# warm-started model's greedy answer inherits the flaw while its samples still hold the right
+# behaviour some of the time, which is exactly what group-relative RL can find and reinforce.
+COT_CONFUSION = ("orange", "red")  # the teacher reads an orange object as red...
+COT_MISREAD = 0.8  # ...in this fraction of the orange rows: names red and its action, answers it (consistent, wrong)
+COT_SLIP_GOAL = "wash the dishes"  # in rows of this goal the teacher's answer slips to the next letter...
+COT_INCONSISTENT = 0.8  # ...in this fraction of them, after reasoning that names the right action (inconsistent)
 FRAME = 56  # pixels; 56 = 2 merged patches of 28, so an image is 2x2 = 4 vision tokens
 # data.VisionSpec fields for the toy: keep frames at 56x56 (4 tokens per image, 8 per 4-frame video).
 TOY_VISION = dict(video_max_pixels=FRAME * FRAME, video_min_pixels=FRAME * FRAME, image_max_pixels=FRAME * FRAME,
@@ -132,20 +145,21 @@ def cot_text(colour: str, action: str) -> str:
             f"so the next step is to {action}.")
 
 
-def cot_row(row: dict, flaw: str | None, rng: random.Random) -> dict:
+def cot_row(row: dict, flaw: str | None) -> dict:
     """A training row with its chain of thought: `cot` (the reasoning) and `cot_answer` (the option
-    text its final answer picks). The row keeps exactly 3 distractors, so that whatever option order
-    an epoch draws, the 4 options shown hold both the right action and the one the CoT picks.
+    text its final answer picks), and `cot_flaw` (a toy-only label).
 
-    flaw None: reads the cue and answers what it implies. "misread": names a distractor's colour
-    and its action and answers that (consistent but wrong). "inconsistent": names the right colour
-    and action but answers a distractor (the answer does not follow from the reasoning)."""
+    flaw None: reads the cue and answers what it implies. "misread": names COT_CONFUSION's second
+    colour and its action and answers that (consistent but wrong). "inconsistent": names the right
+    colour and action, then answers the option after it in alphabetical order (the next letter)."""
     assert flaw in (None, "misread", "inconsistent"), f"unknown CoT flaw {flaw!r}"
-    distractors = rng.sample(row["negative_answers"], 3)
-    seen = distractors[0] if flaw == "misread" else row["answer"]  # the action the reasoning names
+    options = sorted([row["answer"], *row["negative_answers"]])  # all four: their letters are fixed
+    seen = row["answer"]
+    if flaw == "misread":
+        seen = row["answer"].replace(f" {COT_CONFUSION[0]} ", f" {COT_CONFUSION[1]} ")
+    picked = options[(options.index(seen) + 1) % 4] if flaw == "inconsistent" else seen
     colour = seen.split(" the ", 1)[1].split()[0]
-    picked = distractors[0] if flaw else row["answer"]
-    return dict(row, negative_answers=distractors, cot=cot_text(colour, seen), cot_answer=picked, cot_flaw=flaw)
+    return dict(row, cot=cot_text(colour, seen), cot_answer=picked, cot_flaw=flaw)
 
 
 def _make_row(rng, idx, source, env, goal, steps, data: Path, domain=None, validation=False):
@@ -168,8 +182,7 @@ def _make_row(rng, idx, source, env, goal, steps, data: Path, domain=None, valid
         frames = [_frame(c, env, rng) for c in done for _ in range(2)] + [image, image]
         _write_video(data / "videos" / source / row["video_basename"], frames)
     if validation:
-        options = [answer] + rng.sample(negatives, 3)
-        rng.shuffle(options)
+        options = sorted([answer] + rng.sample(negatives, 3))  # alphabetical, as --shuffle_options false trains
         row.update({f"choice_{k}": o for k, o in zip("abcd", options)})
         row["golden_choice_idx"] = "ABCD"[options.index(answer)]
     if domain is not None:
@@ -177,7 +190,7 @@ def _make_row(rng, idx, source, env, goal, steps, data: Path, domain=None, valid
     return row
 
 
-def build_data(data: Path, seed: int = 0, n_train: int = 240, n_val: int = 24, misread: float = COT_MISREAD,
+def build_data(data: Path, seed: int = 0, n_train: int = 240, n_val: int = 200, misread: float = COT_MISREAD,
                inconsistent: float = COT_INCONSISTENT) -> None:
     rng = random.Random(seed)
     for sub in ("annotations", "videos/EpicKitchens", "videos/Ego4D", "images/EpicKitchens", "images/Ego4D"):
@@ -190,14 +203,14 @@ def build_data(data: Path, seed: int = 0, n_train: int = 240, n_val: int = 24, m
         source = "EpicKitchens" if rng.random() < 0.8 else "Ego4D"
         train.append(_make_row(rng, idx, source, "kitchen", goal, steps, data))
         idx += 1
-    # Exactly round(fraction * n_train) rows of each flaw, drawn by their own generator so that the
-    # rest of the world does not depend on the flaw settings.
+    # Exactly round(fraction * eligible) rows of each flaw, drawn by their own generator so that the
+    # rest of the world does not depend on the flaw settings. An orange row of the slip goal can only misread.
     cot_rng = random.Random(f"{seed}/cot")
-    order = cot_rng.sample(range(n_train), n_train)
-    n_mis, n_inc = round(misread * n_train), round(inconsistent * n_train)
-    assert n_mis + n_inc <= n_train, f"CoT flaw fractions {misread} + {inconsistent} exceed 1"
-    flaws = {i: "misread" for i in order[:n_mis]} | {i: "inconsistent" for i in order[n_mis:n_mis + n_inc]}
-    cot = [cot_row(r, flaws.get(i), cot_rng) for i, r in enumerate(train)]
+    orange = [i for i, r in enumerate(train) if f" {COT_CONFUSION[0]} " in r["answer"]]
+    slip = [i for i, r in enumerate(train) if r["task_goal"] == COT_SLIP_GOAL and i not in orange]
+    flaws = {i: "misread" for i in cot_rng.sample(orange, round(misread * len(orange)))}
+    flaws |= {i: "inconsistent" for i in cot_rng.sample(slip, round(inconsistent * len(slip)))}
+    cot = [cot_row(r, flaws.get(i)) for i, r in enumerate(train)]
     levels = {}
     for level, env in (("L1", "kitchen"), ("L2", "new_kitchen")):
         levels[level] = []
@@ -291,6 +304,10 @@ def build_model(tokenizer, seed: int = 0, hidden: int = 64, layers: int = 2, voc
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=True,
     )
+    # Qwen's 0.02 suits width 3584; at width 64 it leaves attention logits so flat that the toy cannot
+    # learn to copy a word 11 tokens back (chance after 800 steps). width^-0.5 learns it in < 100 steps.
+    for c in (config, config.text_config, config.vision_config):
+        c.initializer_range = hidden ** -0.5
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(config)
     model.generation_config.eos_token_id = ids["<|im_end|>"]
@@ -304,13 +321,13 @@ def _mrope_section(head_dim: int) -> list[int]:
     return [t, (half - t) // 2, half - t - (half - t) // 2]
 
 
-def build(out: str | os.PathLike, seed: int = 0, n_train: int = 240, n_val: int = 24, force: bool = False,
+def build(out: str | os.PathLike, seed: int = 0, n_train: int = 240, n_val: int = 200, force: bool = False,
           cot_misread: float = COT_MISREAD, cot_inconsistent: float = COT_INCONSISTENT) -> Path:
     """Build (or reuse) the toy world in `out`; returns the path. `out/model` and `out/data`."""
     out = Path(out)
     stamp = out / "toy.json"
     spec = dict(seed=seed, n_train=n_train, n_val=n_val, cot_misread=cot_misread,
-                cot_inconsistent=cot_inconsistent, version=3)
+                cot_inconsistent=cot_inconsistent, version=5)
     if not force and stamp.exists() and json.loads(stamp.read_text()) == spec:
         return out
     if out.exists():
@@ -331,11 +348,11 @@ def main():
     p.add_argument("--out", required=True, help="directory for model/ and data/")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n_train", type=int, default=240)
-    p.add_argument("--n_val", type=int, default=24, help="rows per validation level")
+    p.add_argument("--n_val", type=int, default=200, help="rows per validation level")
     p.add_argument("--force", action="store_true", help="rebuild even if a matching build exists")
-    p.add_argument("--cot_misread", type=float, default=COT_MISREAD, help="fraction of CoT rows that misread the cue")
+    p.add_argument("--cot_misread", type=float, default=COT_MISREAD, help="fraction of orange rows whose CoT reads red")
     p.add_argument("--cot_inconsistent", type=float, default=COT_INCONSISTENT,
-                   help="fraction of CoT rows whose answer contradicts their reasoning")
+                   help=f"fraction of '{COT_SLIP_GOAL}' rows whose CoT answers the next letter")
     a = p.parse_args()
     out = build(a.out, a.seed, a.n_train, a.n_val, a.force, a.cot_misread, a.cot_inconsistent)
     print(f"toy world in {out}: model/ and data/")

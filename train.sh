@@ -7,13 +7,7 @@
 # Multi-GPU: ACCELERATE_CONFIG=configs/fsdp_4gpu.yaml ./train.sh --model_path ... --data_root ...
 set -euo pipefail
 cd "$(dirname "$0")"
-source ./setup.sh
-launch=(.venv/bin/accelerate launch)
-if [ -n "${ACCELERATE_CONFIG:-}" ]; then
-  launch+=(--config_file "$ACCELERATE_CONFIG")
-else
-  launch+=(--num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no)
-fi
+source ./setup.sh  # .venv, "${launch[@]}", toy_warm_start
 if [ $# -gt 0 ]; then
   exec "${launch[@]}" grpo_care.py "$@"
 fi
@@ -22,10 +16,7 @@ fi
 toy=.cache/toy sft=outputs/toy_sft rl=outputs/toy
 py=.venv/bin/python
 start=$(date +%s)
-$py toy.py --out "$toy"
-if [ ! -f "$sft/config.json" ]; then  # the warm start is cached; delete outputs/toy_sft to redo it
-  "${launch[@]}" sft.py --toy_dir "$toy" --output_dir "$sft"
-fi
+toy_warm_start "$toy" "$sft"  # cached; delete outputs/toy_sft to redo it
 $py evaluate.py --model_path "$sft" --data_root "$toy/data" --toy --max_new_tokens 96 --output_dir "$sft/eval"
 rm -rf "$rl"
 "${launch[@]}" grpo_care.py --toy true --model_path "$sft" --data_root "$toy/data" --output_dir "$rl"

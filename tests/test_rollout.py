@@ -14,10 +14,11 @@ G = 2
 
 @pytest.fixture(scope="module")
 def prompts(toy_world, toy_model, toy_vision):
-    """Three validation prompts; the middle one (validation row 3) has no video."""
+    """Three validation prompts; the middle one has no video."""
     _, processor = toy_model
-    examples = load_examples(toy_world / "data/annotations/validation_L1.jsonl", toy_world / "data")[2:5]
-    assert examples[1]["video"] is None and examples[0]["video"] is not None
+    rows = load_examples(toy_world / "data/annotations/validation_L1.jsonl", toy_world / "data")
+    with_video = [e for e in rows if e["video"] is not None]
+    examples = [with_video[0], next(e for e in rows if e["video"] is None), with_video[1]]
     batch, kept = Collator(processor, toy_vision)(examples)
     return batch, kept
 

@@ -101,24 +101,28 @@ def _named(cot: str) -> tuple[str, str]:
 
 
 def test_toy_cot_flaws_come_in_the_configured_fractions(toy_world, tmp_path):
-    # toy_world: 32 rows at COT_MISREAD 0.3, COT_INCONSISTENT 0.2 -> round(9.6) = 10, round(6.4) = 6, 16 clean
+    # toy_world (seed 0, 32 rows): 9 orange rows, 6 other "wash the dishes" rows. At COT_MISREAD 0.8 and
+    # COT_INCONSISTENT 0.8: round(7.2) = 7 orange rows read as red, round(4.8) = 5 slips, 20 clean rows.
+    assert (toy.COT_MISREAD, toy.COT_INCONSISTENT, toy.COT_CONFUSION) == (0.8, 0.8, ("orange", "red"))
     rows = read_jsonl(toy_world / "data/annotations/training_with_cot_6k.jsonl")
     counts = {"misread": 0, "inconsistent": 0, None: 0}
     for r in rows:
         colour, action = _named(r["cot"])
-        assert colour in action and len(r["negative_answers"]) == 3, "3 distractors: the picked option is always shown"
-        if action != r["answer"]:  # misread: a wrong cue, followed consistently
+        options = sorted([r["answer"], *r["negative_answers"]])
+        assert colour in action and [o.split()[-2] for o in options] == ["blue", "green", "orange", "red"]
+        if action != r["answer"]:  # misread: orange seen as red, followed consistently
             kind = "misread"
-            assert action in r["negative_answers"] and r["cot_answer"] == action
-        elif r["cot_answer"] != r["answer"]:  # right reasoning, answer that does not follow from it
+            assert " orange " in r["answer"] and action == r["answer"].replace("orange", "red") == r["cot_answer"]
+        elif r["cot_answer"] != r["answer"]:  # right reasoning, then the next letter: does not follow from it
             kind = "inconsistent"
-            assert r["cot_answer"] in r["negative_answers"] and r["cot_answer"] != action
+            assert r["task_goal"] == toy.COT_SLIP_GOAL
+            assert options.index(r["cot_answer"]) == (options.index(action) + 1) % 4
         else:
             kind = None
         assert r["cot_flaw"] == kind
         counts[kind] += 1
-    assert counts == {"misread": 10, "inconsistent": 6, None: 16}
-    # other fractions: 8 rows at 0.5 / 0.25 -> 4 misread, 2 inconsistent
-    toy.build_data(tmp_path, seed=1, n_train=8, n_val=1, misread=0.5, inconsistent=0.25)
+    assert counts == {"misread": 7, "inconsistent": 5, None: 20}
+    # the same rows at fractions 1 and 0: all 9 orange rows misread, no slip
+    toy.build_data(tmp_path, seed=0, n_train=32, n_val=1, misread=1.0, inconsistent=0.0)
     flaws = [r["cot_flaw"] for r in read_jsonl(tmp_path / "annotations/training_with_cot_6k.jsonl")]
-    assert flaws.count("misread") == 4 and flaws.count("inconsistent") == 2 and flaws.count(None) == 2
+    assert flaws.count("misread") == 9 and flaws.count("inconsistent") == 0 and flaws.count(None) == 23

@@ -74,6 +74,8 @@ def test_toy_data_has_the_seed_bench_r1_layout(toy_world):
     assert {r["domain"] for r in l3} == {"Daily life", "Hobbies", "Recreation", "Work"}
     for r in l3:
         assert r[f"choice_{r['golden_choice_idx'].lower()}"] == r["answer"]
+        choices = [r[f"choice_{k}"] for k in "abcd"]
+        assert choices == sorted(choices), "toy validation rows list options as --shuffle_options false trains"
         assert (toy_world / "data/images" / r["video_source"] / r["current_observation_basename"]).is_file()
     cot = read_jsonl(ann / "training_with_cot_6k.jsonl")
     r = cot[0]
@@ -99,6 +101,17 @@ def test_training_options_are_seeded_and_reshuffle_per_epoch():
     epochs = {tuple(make_example(TRAIN_ROW, "/root", seed=0, epoch=e)["options"]) for e in range(8)}
     assert len(epochs) > 1, "a new epoch draws new options"
     assert a["video"] == "/root/videos/EpicKitchens/v7.mp4" and a["image"] == "/root/images/EpicKitchens/v7.png"
+
+
+def test_unshuffled_options_are_alphabetical_with_the_same_draw():
+    shuffled = make_example(TRAIN_ROW, "/root", seed=0, epoch=0)
+    ordered = make_example(TRAIN_ROW, "/root", seed=0, epoch=0, shuffle_options=False)
+    assert ordered["options"] == sorted(shuffled["options"]), "the same 3 distractors, in alphabetical order"
+    assert ordered["options"][ord(ordered["solution"]) - 65] == "dry the red cup"
+    # the toy's four colours: every training row shows blue, green, orange, red as A, B, C, D
+    row = dict(TRAIN_ROW, negative_answers=["dry the orange cup", "dry the blue cup", "dry the green cup"])
+    assert make_example(row, "/r", shuffle_options=False)["options"] == [
+        "dry the blue cup", "dry the green cup", "dry the orange cup", "dry the red cup"]
 
 
 def test_validation_rows_keep_file_order_and_image_only_rows_have_no_video():
@@ -130,7 +143,7 @@ def test_missing_field_names_field_and_sample(tmp_path):
 
 def test_corrupt_video_and_missing_image_are_skipped_and_counted(toy_world, toy_model, toy_vision, tmp_path, caplog):
     _, processor = toy_model
-    examples = [e for e in load_examples(toy_world / "data/annotations/validation_L2.jsonl", toy_world / "data")
+    examples = [e for e in load_examples(toy_world / "data/annotations/training_6k.jsonl", toy_world / "data")
                 if e["video"] is not None][:3]
     broken = tmp_path / "broken.mp4"
     raw = open(examples[0]["video"], "rb").read()
