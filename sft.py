@@ -85,8 +85,8 @@ class SFTConfig(MediaSystemConfig):
 
 # The toy warm start, applied when --model_path is empty to every field not given on the command line:
 # 16 epochs of the 240 toy rows = 240 steps of 16 rows, ~2 min on 2 CPU cores; options in toy.py's order.
-TOY_DEFAULTS = dict(shuffle_options=False, learning_rate=3e-3, prompts_per_device=16, num_epochs=16, warmup_ratio=0.05,
-                    output_dir="outputs/toy_sft")
+TOY_DEFAULTS = dict(shuffle_options=False, learning_rate=3e-3, prompts_per_device=16, num_epochs=16,
+                    warmup_ratio=0.05, output_dir="outputs/toy_sft")
 
 
 def parse_config(argv: list[str] | None = None) -> SFTConfig:

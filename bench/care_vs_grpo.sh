@@ -56,7 +56,7 @@ lines.append(f"| last-step train accuracy (%) | {cell(last('care', 'accuracy'))}
 uniform = [100 * sum(abs(m["bonus_frac"] - m["accuracy"]) < 1e-9 for m in run) / len(run) for run in train["care"]]
 lines.append(f"| steps whose bonus reached every accurate sample (%) | {cell(uniform)} | – |")
 per_seed = "; ".join(f"{m} L1 " + " / ".join(f"{r['L1']['strict']:.1f}" for r in res[m]) for m in res)
-text = (f"# CARE vs GRPO on the toy world\n\nCommand: `{command}` (after `./setup.sh`; warm start: `outputs/toy_sft`).\n"
+text = (f"# CARE vs GRPO on the toy world\n\nCommand: `{command}` (the warm start `outputs/toy_sft` is built first if absent).\n"
         f"Mean ± sample standard deviation over seeds; per seed: {per_seed}.\n"
         "Rule consistency: the answer is the option the toy reasoning names (exact). Judge consistency: the\n"
         "evaluated model, given its own reasoning, picks the same letter (evaluate.py's default judge; the toy\n"
