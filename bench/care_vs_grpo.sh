@@ -62,6 +62,8 @@ text = (f"# CARE vs GRPO on the toy world\n\nCommand: `{command}` (the warm star
         "evaluated model, given its own reasoning, picks the same letter (evaluate.py's default judge; the toy\n"
         "model never saw the judge prompt, so this row measures the judge more than the reasoning).\n\n"
         + "\n".join(lines) + "\n")
-Path("RESULTS.md").write_text(text)
+old = Path("RESULTS.md").read_text() if Path("RESULTS.md").exists() else ""
+reading = old[old.index("\n## Reading"):] if "\n## Reading" in old else ""  # hand-written: kept
+Path("RESULTS.md").write_text(text + reading)
 print(text)
 PY
