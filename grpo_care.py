@@ -183,13 +183,18 @@ def parse_config(argv: list[str] | None = None) -> Config:
     if cfg.toy is None:
         cfg.toy = not cfg.model_path
     if cfg.toy:
-        import toy
-
-        given = {a.lstrip("-").split("=")[0] for a in argv if a.startswith("--")}
-        for k, v in {**TOY_DEFAULTS, **toy.TOY_VISION}.items():
-            if k not in given:
-                setattr(cfg, k, v)
+        apply_toy_defaults(cfg, argv, TOY_DEFAULTS)
     return cfg
+
+
+def apply_toy_defaults(cfg, argv: list[str], defaults: dict) -> None:
+    """Sets `defaults` and toy.TOY_VISION on `cfg` (this Config or sft's), except fields given in `argv`."""
+    import toy
+
+    given = {a.lstrip("-").split("=")[0] for a in argv if a.startswith("--")}
+    for k, v in {**defaults, **toy.TOY_VISION}.items():
+        if k not in given:
+            setattr(cfg, k, v)
 
 
 # --- distributed set-up (the same lines for 1 process and N, GPU or CPU) ---

@@ -92,14 +92,12 @@ TOY_DEFAULTS = dict(shuffle_options=False, learning_rate=3e-3, prompts_per_devic
 def parse_config(argv: list[str] | None = None) -> SFTConfig:
     from transformers import HfArgumentParser
 
-    import toy
+    from grpo_care import apply_toy_defaults
 
     argv = sys.argv[1:] if argv is None else argv
     (cfg,) = HfArgumentParser(SFTConfig).parse_args_into_dataclasses(args=argv)
-    given = {a.lstrip("-").split("=")[0] for a in argv if a.startswith("--")}
-    for k, v in ({**TOY_DEFAULTS, **toy.TOY_VISION} if not cfg.model_path else {}).items():
-        if k not in given:
-            setattr(cfg, k, v)
+    if not cfg.model_path:
+        apply_toy_defaults(cfg, argv, TOY_DEFAULTS)
     return cfg
 
 
