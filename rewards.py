@@ -44,8 +44,9 @@ import torch
 
 PROBLEM_TYPES = ("multiple choice", "numerical", "OCR", "free-form", "regression")
 
-# Non-greedy so the *first* complete <answer>...</answer> pair is the answer.
-_ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+# Non-greedy so the *first* complete <answer>...</answer> pair is the answer (rollout.answer_span_mask
+# finds the same span in the token bytes, for the reference's confidence).
+ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 # Used with fullmatch: nothing may precede <think> or follow </answer>. Note the
 # second `.*?` can stretch over "A</answer><answer>B", so two answer tags still
 # count as well formed, as in the reference.
@@ -54,7 +55,7 @@ _FORMAT_RE = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
 
 def parse_answer(text: str) -> str | None:
     """Stripped text inside the first complete `<answer>...</answer>`, or None."""
-    m = _ANSWER_RE.search(text)
+    m = ANSWER_RE.search(text)
     return m.group(1).strip() if m else None
 
 

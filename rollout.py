@@ -35,6 +35,7 @@ Departures from the reference code (TencentARC/GRPO-CARE), and why:
 from __future__ import annotations
 
 import contextlib
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -44,10 +45,13 @@ from torch.utils.checkpoint import checkpoint
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from rewards import ANSWER_RE
+
 # modality -> (pixel key, grid key, placeholder-token config key)
 MODALITIES = {"image": ("pixel_values", "image_grid_thw", "image_token_id"),
               "video": ("pixel_values_videos", "video_grid_thw", "video_token_id")}
 _BYTE_OF = {c: b for b, c in bytes_to_unicode().items()}  # byte-level BPE symbol -> byte
+_ANSWER_BYTES = re.compile(ANSWER_RE.pattern.encode(), ANSWER_RE.flags & ~re.UNICODE)  # the graded answer, on bytes
 
 
 @dataclass
@@ -266,9 +270,9 @@ class _TargetLogProbs(torch.nn.Module):
 
 
 def answer_span_mask(completion_ids: torch.Tensor, tokenizer, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """(N, T) 1 on completion tokens overlapping the answer: the text strictly between the last
-    `<answer>` and the next `</answer>`, surrounding whitespace left out. No closing tag (or an
-    empty answer): no token. Only tokens under `mask` (e.g. the completion mask) are read.
+    """(N, T) 1 on completion tokens overlapping the answer that rewards.parse_answer grades: the text
+    inside the first complete `<answer>...</answer>`, surrounding whitespace left out. No complete
+    pair (or an empty answer): no token. Only tokens under `mask` (e.g. the completion mask) are read.
 
     Offsets are byte offsets of the byte-level BPE pieces, so tags split or merged with letters,
     spaces and multi-byte characters need no re-tokenisation."""
@@ -279,14 +283,12 @@ def answer_span_mask(completion_ids: torch.Tensor, tokenizer, mask: torch.Tensor
         # ids past the tokenizer (the embedding is padded: 152,064 rows for 151,665 tokens) have no text
         pieces = [b"" if t is None else bytes(_BYTE_OF[c] for c in t) if all(c in _BYTE_OF for c in t)
                   else t.encode() for t in tokenizer.convert_ids_to_tokens(row[:n])]
-        text = b"".join(pieces)
-        open_at = text.rfind(b"<answer>")
-        close_at = text.find(b"</answer>", open_at) if open_at >= 0 else -1
-        if close_at < 0:
+        found = _ANSWER_BYTES.search(b"".join(pieces))
+        if found is None:
             continue
-        inner = text[open_at + len(b"<answer>"):close_at]
-        start = open_at + len(b"<answer>") + len(inner) - len(inner.lstrip())
-        end = close_at - (len(inner) - len(inner.rstrip()))
+        inner = found.group(1)
+        start = found.start(1) + len(inner) - len(inner.lstrip())
+        end = found.end(1) - (len(inner) - len(inner.rstrip()))
         if start >= end:  # blank answer
             continue
         at = 0

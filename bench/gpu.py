@@ -10,8 +10,8 @@ rank), as training runs it. The tokenizer is the toy's (toy.py): only token ids 
 the prompt's text (~240 tokens with the chat template) is the reference prompt in the toy's BPE, and
 the vision placeholders carry the 3B config's vision tokens: 1,455 prompt tokens in all. One prompt as in SEED-Bench-R1: a 16-frame video at the reference's per-frame
 budget (128*28*28 px: 224x420, 960 tokens), the current-observation image (256*28*28 px: 336x588,
-252 tokens) and the reference prompt. G = 8 completions of 768 tokens each (EOS suppressed through
-`generation_config.min_new_tokens`; rollout.generate_group takes no such argument).
+252 tokens) and the reference prompt. G = 8 completions of 768 tokens each (EOS suppressed by
+`min_new_tokens`, which training leaves at 0).
 
 Phase "group" (the training path, grpo_care.main's step with CARE):
 * time per group: generation (rollout.generate_group: vision once, HF generate with the FSDP2 policy
@@ -263,9 +263,8 @@ def run_group(a, path, batch, device, clock, res):
 
     def generate(T):
         policy.eval()
-        policy.generation_config.min_new_tokens = T  # EOS suppressed: every row exactly T tokens
         return rollout.generate_group(policy, batch, G, processor, max_new_tokens=T, temperature=cfg.temperature,
-                                      top_p=cfg.top_p, seeds=[0])
+                                      top_p=cfg.top_p, seeds=[0], min_new_tokens=T)  # EOS suppressed: T tokens a row
 
     def update(ro):
         policy.train()
@@ -330,8 +329,7 @@ def run_decode(a, path, batch, device, clock, res):
     P, G, T = batch["input_ids"].shape[1], a.G, a.max_new_tokens
 
     def generate(n):
-        model.generation_config.min_new_tokens = n
-        return rollout.generate_group(model, batch, G, processor, max_new_tokens=n, seeds=[0])
+        return rollout.generate_group(model, batch, G, processor, max_new_tokens=n, seeds=[0], min_new_tokens=n)
 
     for name, cache in (("plain bf16, eager, dynamic cache", None), ("plain bf16, static cache, compiled", "static")):
         model.generation_config.cache_implementation = cache

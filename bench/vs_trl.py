@@ -23,8 +23,8 @@ Defaults the issue leaves open: 1 torch thread per side (on a shared 2-core mach
 OpenMP barriers waiting for descheduled partners, not work) and top-p 1.0, TRL's default (HF's top-p
 sorts the whole vocabulary at every token, the same cost on both sides; `--top_p 0.95` for ours).
 
-Lever used here and not in training: rollout.generate_group takes no `min_new_tokens`, so ours sets
-`policy.generation_config.min_new_tokens`, which `generate` merges under the explicit arguments.
+Lever used here and not in training: `min_new_tokens=T` (rollout.generate_group passes it to `generate`;
+training leaves it at 0).
 """
 from __future__ import annotations
 
@@ -86,7 +86,6 @@ def run_ours(a, examples):
     device = grpo_care.setup_distributed().device
     processor = AutoProcessor.from_pretrained(a.model)
     policy = grpo_care.load_model(a.model, cfg, device, trainable=True)
-    policy.generation_config.min_new_tokens = a.max_new_tokens  # every completion exactly T tokens (see docstring)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     collate = Collator(processor, VisionSpec())  # the reference's image budget: 448x448 stays 448x448
     G, T = cfg.num_generations, cfg.max_new_tokens
@@ -96,7 +95,8 @@ def run_ours(a, examples):
         policy.eval()
         batch, _ = collate([ex])
         ro = rollout.generate_group(policy, batch, G, processor, max_new_tokens=T, temperature=cfg.temperature,
-                                    top_p=cfg.top_p, seeds=[grpo_care.sample_seed(cfg.seed, s, ex["id"])])
+                                    top_p=cfg.top_p, seeds=[grpo_care.sample_seed(cfg.seed, s, ex["id"])],
+                                    min_new_tokens=T)  # every completion exactly T tokens
         assert int(ro.completion_mask.sum()) == G * T, "min_new_tokens did not force T tokens per completion"
         acc_r = torch.tensor(accuracy_reward(ro.texts, [ex["solution"]] * G)).view(1, G)  # (1, G)
         fmt_r = torch.tensor(format_reward(ro.texts)).view(1, G)  # (1, G)

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from data import Collator, load_examples
+from rewards import parse_answer
 from rollout import (Rollout, answer_span_mask, completion_logprobs, completion_mask, encode_vision,
                      generate_group, select_prompts, token_logprobs)
 
@@ -108,6 +109,24 @@ def test_seeded_samples_do_not_depend_on_batch(rollout, prompts, toy_model, toy_
     assert not torch.equal(other.completion_ids, again.completion_ids)
 
 
+def test_min_new_tokens_holds_back_eos(prompts, toy_model):
+    model, processor = toy_model
+    eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+    def eos_first(module, args, out):  # the LM head now all but always picks EOS
+        out[..., eos] += 100.0
+        return out
+
+    handle = model.lm_head.register_forward_hook(eos_first)
+    try:
+        free = generate_group(model, prompts[0], G, processor, max_new_tokens=5, seeds=[1, 2, 3])
+        held = generate_group(model, prompts[0], G, processor, max_new_tokens=5, seeds=[1, 2, 3], min_new_tokens=5)
+    finally:
+        handle.remove()
+    assert free.completion_mask.sum(-1).tolist() == [1] * 3 * G, "EOS first in every row"
+    assert held.completion_mask.sum(-1).tolist() == [5] * 3 * G and held.truncated.all()
+
+
 def test_vision_once_logits_equal_repeated_pixels(rollout, prompts, toy_model, toy_vision):
     model, processor = toy_model
     batch, kept = prompts
@@ -180,7 +199,9 @@ def tokenizer(toy_model):
     (["<", "answer", ">B", "</", "answer", ">"], [">B"]),  # tag merged with the letter
     (["<", "answer", ">", "ĠB", "Ġ</", "answer", ">"], ["ĠB"]),  # '<answer> B </answer>': spaces left out
     (["<", "answer", ">", "B"], []),  # no closing tag
-    (["<", "answer", ">", "A", "</", "answer", ">", "Ġ<", "answer", ">", "C", "</", "answer", ">"], ["C"]),  # last
+    # the first complete pair, the one rewards.parse_answer grades
+    (["<", "answer", ">", "A", "</", "answer", ">", "Ġ<", "answer", ">", "C", "</", "answer", ">"], ["A"]),
+    (["<", "answer", ">", "<", "answer", ">", "C", "</", "answer", ">"], ["<", "answer", ">", "C"]),  # '<answer>C'
     (["<", "answer", ">", "B", "</", "answer", ">", "Ġd", "on", "e"], ["B"]),  # text after </answer>
     (["<", "answer", ">", "Ã", "©", "</", "answer", ">"], ["Ã", "©"]),  # 'é' is two byte tokens
     (["<", "answer", ">", "Ġ", "</", "answer", ">"], []),  # blank answer
@@ -192,3 +213,6 @@ def test_answer_span_mask(tokenizer, pieces, expected):
     mask, _ = completion_mask(ids, tokenizer.convert_tokens_to_ids("<|im_end|>"))
     span = answer_span_mask(ids, tokenizer, mask)
     assert [p for p, s in zip(pieces, span[0].tolist()) if s] == expected
+    graded = parse_answer(tokenizer.convert_tokens_to_string(pieces))
+    assert (graded in tokenizer.convert_tokens_to_string(expected)) if expected else not graded, \
+        "the span covers the answer rewards.parse_answer grades"
