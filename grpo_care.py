@@ -371,8 +371,8 @@ def main(argv: list[str] | None = None):
 
     import rollout
     from data import Collator, load_examples
-    from rewards import (accuracy_reward, answer_confidence, consistency_bonus, format_reward, group_advantages,
-                         total_reward)
+    from rewards import (accuracy_reward, answer_confidence, bonus_selective, consistency_bonus, format_reward,
+                         group_advantages, total_reward)
 
     cfg = parse_config(argv)
     device = setup_distributed().device
@@ -514,6 +514,7 @@ def main(argv: list[str] | None = None):
         G = cfg.num_generations
         cat = {k: torch.cat([s[k] for s in stats]) if stats else torch.zeros(0, G) for k in
                ("acc", "fmt", "reward", "conf", "bonus")}  # each (B_local, G)
+        selective, eligible = bonus_selective(cat["acc"], cat["bonus"])  # (B_local,) each
         lens = torch.stack([ro.completion_mask.sum(-1).float().cpu() for *_, ro in groups]) if groups else torch.zeros(0, G)
         trunc = torch.stack([ro.truncated.float().cpu() for *_, ro in groups]) if groups else torch.zeros(0, G)
         sums = torch.tensor([
@@ -521,14 +522,16 @@ def main(argv: list[str] | None = None):
             cat["bonus"].sum(), (cat["bonus"] > 0).sum(), cat["conf"].sum(), len(groups),
             (cat["acc"] >= 1).all(-1).sum(), (cat["acc"] <= 0).all(-1).sum(), lens.sum(), trunc.sum(),
             clip_sum * len(groups), sum(ro.vision_calls for *_, ro in groups), collate.skipped,
-            t_gen, t_ref, t_upd, loss_sum * len(groups)], dtype=torch.float64, device=device)
+            t_gen, t_ref, t_upd, loss_sum * len(groups), selective.sum(), eligible.sum()],
+            dtype=torch.float64, device=device)
         maxlen = torch.tensor([lens.max().item() if lens.numel() else 0.0], device=device)
         dist.all_reduce(sums)
         dist.all_reduce(maxlen, op=dist.ReduceOp.MAX)
-        (n, r, r2, a, f, b, nb, c, ng, allc, allw, ln, tr, cl, vc, sk, tg, tf, tu, ls) = sums.tolist()
+        (n, r, r2, a, f, b, nb, c, ng, allc, allw, ln, tr, cl, vc, sk, tg, tf, tu, ls, sel, elig) = sums.tolist()
         n, ng = max(n, 1), max(ng, 1)
         m = dict(step=step + 1, reward_mean=r / n, reward_std=math.sqrt(max(r2 / n - (r / n) ** 2, 0.0)),
                  accuracy=a / n, format=f / n, bonus_mean=b / n, bonus_frac=nb / n, confidence=c / n,
+                 bonus_selective_frac=sel / max(elig, 1),
                  all_correct_frac=allc / ng, all_wrong_frac=allw / ng, completion_len_mean=ln / n,
                  completion_len_max=maxlen.item(), truncated_frac=tr / n, clip_frac=cl / ng, loss=ls / ng,
                  grad_norm=grad_norm.item(), lr=scheduler.get_last_lr()[0],

@@ -180,6 +180,15 @@ def answer_confidence(
     return torch.where(n > 0, conf, 0.0)
 
 
+def accurate_samples(accuracy: torch.Tensor) -> torch.Tensor:
+    """`(B, G)` -> `(B, G)` bool: the samples CARE may reward, acc > 0.1 and >= the group's mean."""
+    # A mean never exceeds its largest term; clamping removes the one-ulp overshoot
+    # that would otherwise drop exact ties (all-correct groups, capped confidences).
+    mean_acc = accuracy.mean(dim=-1, keepdim=True)  # (B, 1)
+    mean_acc = torch.minimum(mean_acc, accuracy.amax(dim=-1, keepdim=True))  # (B, 1)
+    return (accuracy > 0.1) & (accuracy >= mean_acc)  # (B, G)
+
+
 def consistency_bonus(
     accuracy: torch.Tensor, confidence: torch.Tensor, coef: float = 0.5, margin: float = 0.0
 ) -> torch.Tensor:
@@ -199,12 +208,7 @@ def consistency_bonus(
     assert accuracy.shape == confidence.shape, (
         f"accuracy {tuple(accuracy.shape)} vs confidence {tuple(confidence.shape)}")
     assert accuracy.dim() == 2, f"expected (B, G), got {tuple(accuracy.shape)}"
-    # A mean never exceeds its largest term; clamping removes the one-ulp overshoot
-    # that would otherwise drop exact ties (all-correct groups, capped confidences).
-    mean_acc = accuracy.mean(dim=-1, keepdim=True)  # (B, 1)
-    mean_acc = torch.minimum(mean_acc, accuracy.amax(dim=-1, keepdim=True))  # (B, 1)
-    accurate = (accuracy > 0.1) & (accuracy >= mean_acc)  # (B, G)
-
+    accurate = accurate_samples(accuracy)  # (B, G)
     conf_acc = torch.where(accurate, confidence, 0.0)  # (B, G)
     n_acc = accurate.sum(dim=-1, keepdim=True)  # (B, 1)
     level = conf_acc.sum(dim=-1, keepdim=True) / n_acc.clamp(min=1)  # (B, 1)
@@ -213,3 +217,15 @@ def consistency_bonus(
     confident = confidence >= level - margin  # (B, G)
 
     return torch.where(accurate & confident, coef * accuracy, 0.0)  # (B, G)
+
+
+def bonus_selective(accuracy: torch.Tensor, bonus: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(B, G)` accuracy and bonus -> (selective `(B,)`, eligible `(B,)`) bool, a diagnostic.
+
+    eligible: the group has an accurate sample. selective: the bonus went to some accurate samples
+    and not to others. A bonus on every accurate sample is a rescaled accuracy reward, which group
+    normalisation mostly cancels: only selective groups carry CARE's consistency signal."""
+    accurate = accurate_samples(accuracy)  # (B, G)
+    selective = (accurate & (bonus == 0)).any(-1) & (bonus > 0).any(-1)  # (B,)
+    return selective, accurate.any(-1)
+

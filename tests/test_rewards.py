@@ -9,6 +9,7 @@ from torch.testing import assert_close
 from rewards import (
     accuracy_reward,
     answer_confidence,
+    bonus_selective,
     consistency_bonus,
     format_reward,
     group_advantages,
@@ -333,3 +334,17 @@ def test_bonus_on_graded_accuracies():
     #   level = (0.5+0.9+0.8)/3 = 0.733 -> confident: 0.6 and 0.7 -> bonus 0.5*acc = 0.3, 0.35
     # OCR: mean 2.0/5 = 0.4 -> accurate 1.0, 0.5, 0.5; level = (0.2+0.6+0.6)/3 = 0.467 -> the two 0.5s: 0.25 each
     assert_close(consistency_bonus(T(regression, ocr), conf), T([0.0, 0.3, 0.35, 0.0, 0.0], [0.0, 0.25, 0.0, 0.25, 0.0]))
+
+
+def test_bonus_selective_flags_groups_where_consistency_decided():
+    acc = T([1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0], [1, 0.5, 0.05, 0])
+    conf = T([0.9, 0.5, 0, 0], [0.95, 0.95, 0, 0], [0, 0, 0, 0], [0.9, 0.2, 0, 0])
+    bonus = consistency_bonus(acc, conf)
+    # group 0: level 0.7, bonus on sample 0 only -> selective; group 1: both at the cap -> every accurate
+    # sample gets it (a rescaled accuracy); group 2: nothing accurate; group 3: mean acc 0.3875 -> samples
+    # 0 and 1 accurate, level 0.55 -> bonus on 0 only -> selective
+    selective, eligible = bonus_selective(acc, bonus)
+    assert selective.tolist() == [True, False, False, True]
+    assert eligible.tolist() == [True, True, False, True]
+    assert not bonus_selective(acc, torch.zeros_like(acc))[0].any(), "plain GRPO has no bonus to be selective with"
+

@@ -13,6 +13,7 @@ import grpo_care
 
 ROOT = Path(__file__).resolve().parents[1]
 METRIC_FIELDS = {"reward_mean", "reward_std", "accuracy", "format", "bonus_mean", "bonus_frac", "confidence",
+                 "bonus_selective_frac",
                  "all_correct_frac", "all_wrong_frac", "completion_len_mean", "completion_len_max",
                  "truncated_frac", "clip_frac", "grad_norm", "lr", "t_generation", "t_reference", "t_update",
                  "gen_tokens_per_s", "vision_calls", "skipped", "nonfinite_steps"}
