@@ -32,6 +32,15 @@ Departures from the reference code, and why:
 * a missing or corrupt video/image there crashes the step (or qwen-vl-utils silently falls back to
   another reader); here the sample is skipped with one warning naming the file and counted in
   `Collator.skipped`, never replaced by another sample.
+* video time positions: the processor gets each video's sampled fps (`video_metadata`), so
+  Qwen2.5-VL's temporal position ids advance with real seconds (`second_per_grid_ts` =
+  2 frames / sampled fps), in generation and in every log-prob pass. The reference's training
+  passes no fps (its processor assumes 2 fps: 1.0 s per grid step whatever the clip's length) and
+  drops `second_per_grid_ts` from its log-prob forward; its evaluation (vLLM) passes the true fps.
+  We follow the model's design and keep training and evaluation alike. With 16 frames at most, a
+  60 s clip steps 15 position ids per grid step here, 2 in the reference's training.
+* per-frame video budget: 128*28*28 px exactly; the reference's qwen-vl-utils settings end at
+  int(1.05 * 128*28*28) = 105,369 px, which rounds to the same frame size in most cases.
 """
 from __future__ import annotations
 

@@ -22,7 +22,8 @@ Departures from the paper / reference code (TencentARC/GRPO-CARE), and why:
 - Sampling is seeded per (run seed, step, sample id), so rollouts do not depend on how prompts
   are spread over processes, nor on whether the run was resumed.
 - The policy loss keeps PPO's clip, which is inactive at `num_iterations=1` (the reference).
-- No length bonus (the reference adds +0.2 for accurate answers of 320-512 tokens by default).
+- No length bonus, as the reference's SEED-Bench-R1 scripts (`--len_control false`; its grpo.py
+  default adds +0.2 for accurate answers of 320-512 tokens).
 
 Core math of the update, as pure functions (tensors in, tensors out, no model, no config):
 - `policy_loss`: the clipped GRPO surrogate with optional k3 KL. With `old_logps = logps.detach()`

@@ -22,7 +22,8 @@ Departures from the reference code (src/r1-v/src/open_r1/{grpo.py,trainer/grpo_t
   and then no sample of an all-capped group (the cap makes ties common) would count as
   confident. The reference has this float trap.
 - An all-equal group gets exactly zero advantage (the reference gives float noise / eps).
-- The reference's length bonus (+0.2 for accurate answers of 320-512 tokens) is left out.
+- No length bonus, as the released SEED-Bench-R1 runs (their scripts pass `--len_control false`;
+  grpo.py's default would add +0.2 for accurate answers of 320-512 tokens).
 
 Accuracy by problem type (`score_answer`; SEED-Bench-R1 is all multiple choice, Video-R1 mixes five),
 with the reference's semantics and these departures:

@@ -29,8 +29,16 @@ Departures from the reference code (TencentARC/GRPO-CARE), and why:
   reach the LM head.
 * it samples with the global RNG; here each prompt's G samples depend only on its own seed
   (not on batch composition or rank count), so a run is reproducible and resumable.
-* sampling is set in full (temperature, top-p, no top-k, no repetition penalty), so the
-  checkpoint's generation_config.json (Qwen2.5-VL-Instruct's is near-greedy) cannot leak in.
+* sampling is set in full (temperature, top-p, no top-k, no repetition penalty, EOS = <|im_end|>),
+  so the checkpoint's generation_config.json (Qwen2.5-VL-Instruct's is near-greedy) cannot leak
+  in. The reference's GenerationConfig(top_p=0.95, temperature=1) leaves HF's top_k=50 in force
+  and takes EOS from the checkpoint (<|im_end|> and <|endoftext|>); at top-p 0.95 the top-50 cut
+  rarely binds.
+* the confidence span (`answer_span_mask`) is the answer the accuracy reward grades: the tokens
+  overlapping the stripped text of the first complete <answer>...</answer>. The reference scans
+  back to the last `<answer>` token and ends the span 3 tokens before the EOS, which assumes the
+  completion ends exactly `</answer><|im_end|>`; with `<answer> B </answer>` it scores `>` and
+  ` B` (about the square root of p(B)), and text after `</answer>` runs into its span.
 """
 from __future__ import annotations
 

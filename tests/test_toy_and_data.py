@@ -53,6 +53,19 @@ def test_forward_with_video_and_image(toy_world, toy_model, toy_vision):
     assert torch.isfinite(logits).all()
 
 
+def test_video_time_positions_follow_the_sampled_fps(toy_world, toy_model, toy_vision):
+    import decord
+
+    _, processor = toy_model
+    rows = [e for e in load_examples(toy_world / "data/annotations/validation_L1.jsonl", toy_world / "data") if e["video"]]
+    frames = {e["id"]: len(decord.VideoReader(e["video"])) for e in rows}
+    examples = [next(e for e in rows if frames[e["id"]] == 4), next(e for e in rows if frames[e["id"]] == 8)]
+    batch, kept = Collator(processor, toy_vision)(examples)
+    # both clips at 2 fps and sampled to 4 frames: 4 frames = 2 s -> 2 frames per grid step = 1.0 s;
+    # 8 frames = 4 s -> 4 frames sampled at 1 fps -> 2.0 s (the reference's training would say 1.0)
+    assert batch["second_per_grid_ts"].tolist() == [1.0, 2.0]
+
+
 def test_toy_is_deterministic_and_cached(tmp_path):
     a = toy.build(tmp_path / "a", seed=3, n_train=6, n_val=4)
     b = toy.build(tmp_path / "b", seed=3, n_train=6, n_val=4)
