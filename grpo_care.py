@@ -12,6 +12,9 @@ Every `ref_ema_every` steps the EMA reference moves toward the policy.
 The policy and the reference are always wrapped with FSDP2 `fully_shard` (per vision block, the
 vision tower, per decoder layer, then the root), also for one process: one code path, and FSDP2's
 mixed-precision policy gives bf16 compute over fp32 master weights on GPU. On CPU the group is gloo.
+Only rank 0 reads a checkpoint; the other ranks build the model on the meta device and receive
+their shards by broadcast (`load_model`), so a node holds one fp32 copy in host memory, not one per
+process.
 
 Departures from the paper / reference code (TencentARC/GRPO-CARE), and why:
 - The reference runs DeepSpeed ZeRO-3 through TRL's trainer; here FSDP2 and a plain loop.
@@ -241,14 +244,26 @@ def resolve_run(cfg, device) -> Path:
 
 
 def load_model(path, cfg: Config, device, trainable: bool):
-    """A Qwen2.5-VL in fp32 (master weights), sharded with FSDP2; compute in bf16 when cfg.bf16."""
+    """A Qwen2.5-VL in fp32 (master weights), sharded with FSDP2; compute in bf16 when cfg.bf16.
+
+    Rank 0 alone reads the checkpoint; the other ranks build the model on the meta device and
+    receive their shards from rank 0, so host memory holds one fp32 copy (30 GB for 7B), not one
+    per process (8 x 2 models x 30 GB on an 8-GPU node)."""
     import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    from transformers import AutoConfig, GenerationConfig, Qwen2_5_VLForConditionalGeneration
 
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        path, dtype=torch.float32, attn_implementation=cfg.attn_implementation)
+    rank0 = dist.get_rank() == 0
+    source = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        path, dtype=torch.float32, attn_implementation=cfg.attn_implementation) if rank0 else None
+    with torch.device("meta"):
+        model = Qwen2_5_VLForConditionalGeneration._from_config(
+            AutoConfig.from_pretrained(path), dtype=torch.float32, attn_implementation=cfg.attn_implementation)
+    if (Path(path) / "generation_config.json").exists():
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    model.eval()  # as from_pretrained leaves it
     if trainable and cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -266,7 +281,14 @@ def load_model(path, cfg: Config, device, trainable: bool):
         register_fsdp_forward_method(model, method)
     # those methods return views (per-image splits); nothing modifies them in place, so FSDP2's warning is moot
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-    return model.to(device)
+    model.to_empty(device=device)
+    set_model_state_dict(model, source.state_dict() if rank0 else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for name, buffer in model.named_buffers():  # non-persistent (rotary frequencies): not in the state dict
+        if rank0:
+            buffer.copy_(source.get_buffer(name))
+        dist.broadcast(buffer, src=0)
+    return model
 
 
 def rank0_print(*args):

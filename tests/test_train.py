@@ -102,6 +102,8 @@ def test_two_processes_match_one(toy_world, tmp_path):
                        env=env, capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "policy DTensor: True" in r.stdout and "ref DTensor: True" in r.stdout and "world 2" in r.stdout
+    # policy and reference: rank 0 reads the checkpoint twice, rank 1 gets its shards by broadcast
+    assert "rank 0 checkpoint reads: 2" in r.stdout and "rank 1 checkpoint reads: 0" in r.stdout, r.stdout
     for x, y in zip(metrics(one), metrics(two)):
         assert x["loss"] == pytest.approx(y["loss"], abs=1e-5)
         assert x["reward_mean"] == pytest.approx(y["reward_mean"], abs=1e-6)
