@@ -46,7 +46,7 @@ import torch
 PROBLEM_TYPES = ("multiple choice", "numerical", "OCR", "free-form", "regression")
 
 # Non-greedy so the *first* complete <answer>...</answer> pair is the answer (rollout.answer_span_mask
-# finds the same span in the token bytes, for the reference's confidence).
+# finds the same span in the token bytes, for the EMA reference's confidence).
 ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 # Used with fullmatch: nothing may precede <think> or follow </answer>. Note the
 # second `.*?` can stretch over "A</answer><answer>B", so two answer tags still
@@ -229,4 +229,3 @@ def bonus_selective(accuracy: torch.Tensor, bonus: torch.Tensor) -> tuple[torch.
     accurate = accurate_samples(accuracy)  # (B, G)
     selective = (accurate & (bonus == 0)).any(-1) & (bonus > 0).any(-1)  # (B,)
     return selective, accurate.any(-1)
-

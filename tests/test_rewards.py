@@ -347,4 +347,3 @@ def test_bonus_selective_flags_groups_where_consistency_decided():
     assert selective.tolist() == [True, False, False, True]
     assert eligible.tolist() == [True, True, False, True]
     assert not bonus_selective(acc, torch.zeros_like(acc))[0].any(), "plain GRPO has no bonus to be selective with"
-
