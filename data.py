@@ -44,6 +44,7 @@ Departures from the reference code, and why:
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -209,6 +210,24 @@ def load_examples(path: str | os.PathLike, data_root: str | os.PathLike, seed: i
     if rows and {"problem_id", "problem_type"} & rows[0].keys():
         return [make_video_r1_example(r, data_root, source=f"{path}") for r in rows]
     return [make_example(r, data_root, seed, epoch, f"{path}", shuffle_options) for r in rows]
+
+
+def step_examples(load_epoch, seed: int, per_step: int, steps_per_epoch: int, rank: int, world: int):
+    """`step -> this process's examples` for a training loop. Epoch e is `load_epoch(e)` in an order
+    seeded by (seed, e), the same whatever the process count; step s takes its examples
+    [s*per_step, (s+1)*per_step), this rank every world-th."""
+
+    @functools.lru_cache(maxsize=1)
+    def epoch_order(epoch: int) -> list[dict]:
+        examples = load_epoch(epoch)
+        random.Random(f"{seed}/order/{epoch}").shuffle(examples)
+        return examples
+
+    def examples_for(step: int) -> list[dict]:
+        epoch, s = divmod(step, steps_per_epoch)
+        return epoch_order(epoch)[s * per_step:(s + 1) * per_step][rank::world]
+
+    return examples_for
 
 
 def messages(example: dict, vision: VisionSpec) -> list[dict]:

@@ -38,7 +38,6 @@ Core math of the update, as pure functions (tensors in, tensors out, no model, n
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -393,7 +392,7 @@ def main(argv: list[str] | None = None):
     from transformers import AutoProcessor, get_cosine_schedule_with_warmup
 
     import rollout
-    from data import Collator, load_examples
+    from data import Collator, load_examples, step_examples
     from rewards import (accuracy_reward, answer_confidence, bonus_selective, consistency_bonus, format_reward,
                          group_advantages, total_reward)
 
@@ -422,15 +421,9 @@ def main(argv: list[str] | None = None):
         total_steps = min(total_steps, cfg.max_steps)
     collate = Collator(processor, vision)
 
-    @functools.lru_cache(maxsize=1)
-    def epoch_order(epoch: int) -> list[dict]:  # options reshuffled per epoch, order seeded per epoch
-        examples = load_examples(train_path, cfg.data_root, cfg.seed, epoch, cfg.shuffle_options)
-        random.Random(f"{cfg.seed}/order/{epoch}").shuffle(examples)
-        return examples
-
-    def prompts_for(step: int) -> list[dict]:
-        epoch, s = divmod(step, steps_per_epoch)
-        return epoch_order(epoch)[s * prompts_per_step:(s + 1) * prompts_per_step][rank::world]
+    prompts_for = step_examples(  # options reshuffled per epoch, order seeded per epoch
+        lambda epoch: load_examples(train_path, cfg.data_root, cfg.seed, epoch, cfg.shuffle_options),
+        cfg.seed, prompts_per_step, steps_per_epoch, rank, world)
 
     # --- optimizer, schedule, resume ---
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)

@@ -21,9 +21,7 @@ Departures, and why:
 """
 from __future__ import annotations
 
-import functools
 import json
-import random
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,7 +105,7 @@ def main(argv: list[str] | None = None):
     from tqdm import tqdm
     from transformers import AutoProcessor, get_cosine_schedule_with_warmup
 
-    from data import Collator, load_examples, read_rows
+    from data import Collator, load_examples, read_rows, step_examples
     from grpo_care import load_model, rank0_print, resolve_run, setup_distributed
     from rollout import encode_vision
 
@@ -128,17 +126,13 @@ def main(argv: list[str] | None = None):
     assert steps_per_epoch > 0, f"{train_path}: {len(rows)} rows < {per_step} rows per step"
     total = steps_per_epoch * cfg.num_epochs if cfg.max_steps <= 0 else min(cfg.max_steps, steps_per_epoch * cfg.num_epochs)
 
-    @functools.lru_cache(maxsize=1)
-    def epoch_order(epoch: int) -> list[dict]:  # grpo_care's options and order: independent of the process count
+    def load_epoch(epoch: int) -> list[dict]:  # grpo_care's options and order: independent of the process count
         exs = [dict(ex, cot_answer=r.get("cot_answer"))
                for ex, r in zip(load_examples(train_path, cfg.data_root, cfg.seed, epoch, cfg.shuffle_options), rows)]
         assert all(ex["cot"] for ex in exs), f"{train_path}: every row needs a 'cot' (the reasoning to imitate)"
-        random.Random(f"{cfg.seed}/order/{epoch}").shuffle(exs)
         return exs
 
-    def examples_for(step: int) -> list[dict]:
-        epoch, s = divmod(step, steps_per_epoch)
-        return epoch_order(epoch)[s * per_step:(s + 1) * per_step][rank::world]
+    examples_for = step_examples(load_epoch, cfg.seed, per_step, steps_per_epoch, rank, world)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
