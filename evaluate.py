@@ -25,7 +25,9 @@ Scores, per level and per L3 domain:
   `--judge_model` or, by default, the evaluated model itself.
 * toy only (`--toy`): rule consistency. The toy reasoning says "... so the next step is to <action>.";
   the option whose text is that action is the one it implies. Reasoning that names no option
-  implies none and counts as inconsistent (it does not support the answer given).
+  implies none and counts as inconsistent (it does not support the answer given). Per teacher-flaw
+  class (toy.flaw_class: orange, slip, clean), `flaw_classes` breaks the rows down into right/wrong
+  reasoning x right/wrong answer; "wrong reasoning, right answer" is right for the wrong reason.
 
 General benchmarks (`--benchmark`): VSI-Bench, VideoMMMU, MMVU, MVBench, TempCompass, VideoMME, read
 from the reference's Video-R1-format eval files `DATA_ROOT/Evaluation/eval_<name>.json` (media paths
@@ -69,6 +71,7 @@ import re
 from dataclasses import asdict
 from pathlib import Path
 
+import toy
 from data import LETTERS, Collator, VisionSpec, load_examples
 from rewards import format_reward, parse_answer, score_answer, to_number
 
@@ -110,7 +113,7 @@ def toy_rule_pick(reasoning: str | None, options: list[str]) -> str | None:
     return LETTERS[options.index(action)] if action in options else None
 
 
-def score(example: dict, level: str, output: str, length: int, toy: bool = False) -> dict:
+def score(example: dict, level: str, output: str, length: int, toy_world: bool = False) -> dict:
     """One predictions.jsonl line (judge_pick filled in later by `judge_records`)."""
     answer, lenient, reasoning = strict_pick(output), lenient_pick(output), reasoning_of(output)
     rec = dict(id=example["id"], level=level, domain=example["domain"], prompt_id=prompt_id(example),
@@ -118,8 +121,9 @@ def score(example: dict, level: str, output: str, length: int, toy: bool = False
                gold=example["solution"], strict_correct=answer == example["solution"],
                lenient_correct=lenient == example["solution"],
                format=format_reward([output])[0] == 1.0, reasoning=reasoning, judge_pick=None, skipped=False)
-    if toy:
+    if toy_world:
         rec["rule_pick"] = toy_rule_pick(reasoning, example["options"])
+        rec["flaw_class"] = toy.flaw_class(example["question"], example["options"][LETTERS.index(example["solution"])])
     return rec
 
 
@@ -178,7 +182,22 @@ def group_stats(records: list[dict]) -> dict:
                  consistency_correct=_pct([r["judge_pick"] == r["answer"] for r in judged if r["strict_correct"]]))
     if any("rule_pick" in r for r in ok):
         stats["rule_consistency"] = _pct([r.get("rule_pick") == r["answer"] for r in judged])
+    if any("flaw_class" in r for r in ok):
+        stats["flaw_classes"] = {c: flaw_class_stats([r for r in ok if r.get("flaw_class") == c])
+                                 for c in sorted({r.get("flaw_class") for r in ok} - {None})}
     return stats
+
+
+def flaw_class_stats(records: list[dict]) -> dict:
+    """Toy only: reasoning x answer for the rows of one teacher-flaw class (toy.flaw_class), in % of its
+    rows. Right reasoning = the option the reasoning names (rule_pick) is the gold one; reasoning
+    that names no option counts as wrong. `wrong_reasoning_right_answer` is right for the wrong reason."""
+    cell = lambda reasoning_ok, answer_ok: _pct([(r["rule_pick"] == r["gold"]) == reasoning_ok  # noqa: E731
+                                                and r["strict_correct"] == answer_ok for r in records])
+    return dict(n=len(records), strict=_pct([r["strict_correct"] for r in records]),
+                rule_consistency=_pct([r["rule_pick"] is not None and r["rule_pick"] == r["answer"] for r in records]),
+                right_reasoning_right_answer=cell(True, True), right_reasoning_wrong_answer=cell(True, False),
+                wrong_reasoning_right_answer=cell(False, True), wrong_reasoning_wrong_answer=cell(False, False))
 
 
 def benchmark_stats(records: list[dict]) -> dict:
@@ -217,6 +236,14 @@ def markdown(summary: dict, model: str) -> str:
              "|---|" + "---:|" * len(cols)]
     lines += [f"| {name} | " + " | ".join(cell(summary[c].get(key)) for c in cols) + " |"
               for name, key in rows if any(key in summary[c] for c in cols)]
+    classes = [(c, name, st) for c in cols if "/" not in c for name, st in summary[c].get("flaw_classes", {}).items()]
+    if classes:  # toy only: which rows are right for the wrong reason
+        keys = ("n", "strict", "rule_consistency", "right_reasoning_right_answer", "right_reasoning_wrong_answer",
+                "wrong_reasoning_right_answer", "wrong_reasoning_wrong_answer")
+        lines += ["", "Toy teacher-flaw classes (% of the class's rows; reasoning right = it names the gold option):", "",
+                  "| level | class | rows | strict | rule consistency | reasoning right, answer right | right, wrong "
+                  "| wrong, right | wrong, wrong |", "|---|---|" + "---:|" * len(keys)]
+        lines += [f"| {c} | {name} | " + " | ".join(cell(st[k]) for k in keys) + " |" for c, name, st in classes]
     return "\n".join(lines) + "\n"
 
 
@@ -265,7 +292,7 @@ def judge_prompt(question: str, options: list[str], reasoning: str) -> str:
     return f"Question: {question}\nOptions:\n{opts}\nReasoning: {reasoning}\n\n{JUDGE_QUESTION}"
 
 
-def evaluate_batch(model, processor, collator, gen_config, examples, level, toy, judge) -> list[dict]:
+def evaluate_batch(model, processor, collator, gen_config, examples, level, toy_world, judge) -> list[dict]:
     """Generate for `examples`, score, judge. Unreadable samples come back as skipped records."""
     import torch
 
@@ -287,7 +314,7 @@ def evaluate_batch(model, processor, collator, gen_config, examples, level, toy,
     texts = processor.batch_decode(completion, skip_special_tokens=True)
     if level in BENCHMARKS:  # scored by problem type; the A-D judge does not apply
         return [benchmark_score(e, level, t, n) for e, t, n in zip(kept, texts, lengths)] + skipped
-    records = [score(e, level, t, n, toy) for e, t, n in zip(kept, texts, lengths)]
+    records = [score(e, level, t, n, toy_world) for e, t, n in zip(kept, texts, lengths)]
     judge_records(records, kept, judge)
     return records + skipped
 
@@ -333,8 +360,6 @@ def main(argv=None):
     from accelerate.utils import gather_object
     from tqdm import tqdm
     from transformers import GenerationConfig
-
-    import toy
 
     # cpu=True: on a CPU machine Accelerator forms no process group under a multi-process launch otherwise
     acc = Accelerator(cpu=not torch.cuda.is_available())

@@ -167,6 +167,8 @@ class Config(MediaSystemConfig):
     save_steps: int = field(default=500, metadata={"help": "checkpoint every N steps (and at the end)"})
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "checkpoint dir, or 'latest'"})
     report_to: str = field(default="none", metadata={"help": "'tensorboard' to also write event files"})
+    log_completions: bool = field(default=True, metadata={"help": "write every sampled completion and its rewards "
+                                                                  "to completions.jsonl"})
 
 
 # The toy world's sizes, applied with --toy (the default when --model_path is empty) to every field not
@@ -378,6 +380,22 @@ def plot_metrics(metrics_file: Path, png: Path) -> None:
     plt.close(fig)
 
 
+def completion_records(step: int, sample_id, texts: list[str], acc, fmt, conf, bonus, reward, advantages) -> list[dict]:
+    """completions.jsonl lines of one group: the values the update used, per sample. `acc`, `fmt`,
+    `reward`: (1, G); `conf`, `bonus`: (1, G) or None (no CARE); `advantages`: (G,)."""
+    per_sample = lambda t: [None] * len(texts) if t is None else [round(v, 6) for v in t.reshape(-1).tolist()]  # noqa: E731
+    columns = dict(accuracy=per_sample(acc), format=per_sample(fmt), confidence=per_sample(conf),
+                   bonus=per_sample(bonus), reward=per_sample(reward), advantage=per_sample(advantages))
+    return [dict(step=step, sample_id=sample_id, g=g, text=text, **{k: v[g] for k, v in columns.items()})
+            for g, text in enumerate(texts)]
+
+
+def keep_steps_up_to(path: Path, step: int) -> None:
+    """Keeps the lines of a per-step JSON-lines file with `step` <= step: a resumed run rewrites the rest."""
+    kept = [l for l in path.read_text().splitlines() if json.loads(l)["step"] <= step] if path.exists() else []
+    path.write_text("".join(l + "\n" for l in kept))
+
+
 def sample_seed(seed: int, step: int, sample_id) -> int:
     """The generator seed of one prompt's G samples: a function of (run seed, step, sample id) only."""
     return random.Random(f"{seed}/{step}/{sample_id}").getrandbits(63)
@@ -434,11 +452,10 @@ def main(argv: list[str] | None = None):
         assert ckpt is not None and ckpt.exists(), f"no checkpoint to resume from: {cfg.resume_from_checkpoint}"
         start = load_checkpoint(ckpt, policy, ref, optimizer, scheduler)
         rank0_print(f"resumed from {ckpt} at step {start}")
-    metrics_file = out / "metrics.jsonl"
+    metrics_file, completions_file = out / "metrics.jsonl", out / "completions.jsonl"
     if rank == 0:  # a resumed run rewrites the lines of the steps it will redo
-        kept = [l for l in metrics_file.read_text().splitlines() if json.loads(l)["step"] <= start] \
-            if metrics_file.exists() else []
-        metrics_file.write_text("".join(l + "\n" for l in kept))
+        for f in (metrics_file, completions_file):
+            keep_steps_up_to(f, start)
     writer = None
     if cfg.report_to == "tensorboard" and rank == 0:
         from torch.utils.tensorboard import SummaryWriter
@@ -471,7 +488,7 @@ def main(argv: list[str] | None = None):
 
         # --- rewards: accuracy + format, then CARE's bonus from the EMA reference ---
         t0 = time.perf_counter()
-        stats = []
+        stats, completions = [], []
         for ex, batch, ro in groups:
             G = cfg.num_generations
             acc_r = torch.tensor(accuracy_reward(ro.texts, [ex["solution"]] * G, [ex["problem_type"]] * G)).view(1, G)  # (1, G)
@@ -490,6 +507,9 @@ def main(argv: list[str] | None = None):
             ro.advantages = group_advantages(rewards).view(G).to(device)  # (G,)
             stats.append(dict(acc=acc_r, fmt=fmt_r, reward=rewards, conf=conf,
                               bonus=bonus if bonus is not None else torch.zeros(1, G)))
+            if cfg.log_completions:
+                completions += completion_records(step + 1, ex["id"], ro.texts, acc_r, fmt_r,
+                                                  conf if cfg.use_care else None, bonus, rewards, ro.advantages)
         t_ref = time.perf_counter() - t0
 
         # --- update: mu clipped steps on this rollout; gradients accumulate over the prompts ---
@@ -554,9 +574,15 @@ def main(argv: list[str] | None = None):
                  t_generation=tg / world, t_reference=tf / world, t_update=tu / world,
                  gen_tokens_per_s=ln / max(tg / world, 1e-9), vision_calls=vc, skipped=sk,
                  nonfinite_steps=nonfinite_steps)
+        gathered = [None] * world if rank == 0 else None
+        if cfg.log_completions:
+            dist.gather_object(completions, gathered, dst=0)
         if rank == 0:
             with open(metrics_file, "a") as fh:
                 fh.write(json.dumps(m) + "\n")
+            if cfg.log_completions:
+                with open(completions_file, "a") as fh:
+                    fh.writelines(json.dumps(c) + "\n" for per_rank in gathered for c in per_rank)
             if writer is not None:
                 for k, v in m.items():
                     writer.add_scalar(k, v, step + 1)

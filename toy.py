@@ -17,12 +17,20 @@ FSDP2) must be the one that trains them. So this file builds, from nothing and o
   new tasks, four domains.
 * `training_with_cot_6k.jsonl`, the SFT warm start's rows: reasoning (`cot`) that names the colour
   cue and "so the next step is to <action>.", and the option it answers (`cot_answer`). The
-  teacher has two systematic flaws, each in a set fraction of the rows it can touch (`cot_flaw`
-  labels each row, a toy-only field): it reads orange as red (COT_MISREAD of the orange rows:
-  consistent but wrong), and in "wash the dishes" rows its answer slips to the next letter after
-  reasoning that names the right action (COT_INCONSISTENT of them: inconsistent). The warm-started
-  model's greedy answers inherit both flaws (toy-L1 ~55 %) while its samples still hold the right
-  behaviour some of the time: RL has work to do, and CARE has inconsistency to find.
+  teacher has three systematic flaws, each in a set fraction of the rows it can touch (`cot_flaw`
+  labels each row, a toy-only field):
+  - "misread": it reads orange as red and answers red (COT_MISREAD of the orange rows: consistent
+    but wrong);
+  - "lucky": it reads orange as red, reasons to red's action, yet answers the right, orange option
+    (COT_LUCKY of the orange rows: right for the wrong reason, the paper's GRPO failure; its example
+    answers "hit ball with club" while the reasoning argues for "move the ball to the tee");
+  - "inconsistent": in "wash the dishes" rows its answer slips to the next letter after reasoning
+    that names the right action (COT_INCONSISTENT of them).
+  The warm-started model's greedy answers inherit the flaws while its samples still hold the right
+  behaviour some of the time: RL has work to do. Outcome-only GRPO can raise orange accuracy by
+  growing either the clean or the lucky samples; only a reward that reads the reasoning (CARE's
+  reference confidence: after red reasoning the teacher mostly answered red) prefers the clean ones.
+  `flaw_class` names the class of a validation row by the flaws the teacher applies to such rows.
 
 Departures from SEED-Bench-R1, toy only: options are listed in alphabetical order (the toy runs
 with `--shuffle_options false`, validation rows are written that way), so each colour has one
@@ -96,7 +104,8 @@ QUESTION = ("Considering the progress shown in the video and my current observat
 # warm-started model's greedy answer inherits the flaw while its samples still hold the right
 # behaviour some of the time, which is exactly what group-relative RL can find and reinforce.
 COT_CONFUSION = ("orange", "red")  # the teacher reads an orange object as red...
-COT_MISREAD = 0.8  # ...in this fraction of the orange rows: names red and its action, answers it (consistent, wrong)
+COT_MISREAD = 0.45  # ...in this fraction of the orange rows: names red and its action, answers it (consistent, wrong)
+COT_LUCKY = 0.35  # ...and in this fraction: names red and its action, answers orange (right for the wrong reason)
 COT_SLIP_GOAL = "wash the dishes"  # in rows of this goal the teacher's answer slips to the next letter...
 COT_INCONSISTENT = 0.8  # ...in this fraction of them, after reasoning that names the right action (inconsistent)
 FRAME = 56  # pixels; 56 = 2 merged patches of 28, so an image is 2x2 = 4 vision tokens
@@ -150,16 +159,27 @@ def cot_row(row: dict, flaw: str | None) -> dict:
     text its final answer picks), and `cot_flaw` (a toy-only label).
 
     flaw None: reads the cue and answers what it implies. "misread": names COT_CONFUSION's second
-    colour and its action and answers that (consistent but wrong). "inconsistent": names the right
-    colour and action, then answers the option after it in alphabetical order (the next letter)."""
-    assert flaw in (None, "misread", "inconsistent"), f"unknown CoT flaw {flaw!r}"
+    colour and its action and answers that (consistent but wrong). "lucky": the same reasoning, but
+    answers the right option (right for the wrong reason). "inconsistent": names the right colour
+    and action, then answers the option after it in alphabetical order (the next letter)."""
+    if flaw not in (None, "misread", "lucky", "inconsistent"):
+        raise ValueError(f"unknown CoT flaw {flaw!r}")
     options = sorted([row["answer"], *row["negative_answers"]])  # all four: their letters are fixed
     seen = row["answer"]
-    if flaw == "misread":
+    if flaw in ("misread", "lucky"):
         seen = row["answer"].replace(f" {COT_CONFUSION[0]} ", f" {COT_CONFUSION[1]} ")
-    picked = options[(options.index(seen) + 1) % 4] if flaw == "inconsistent" else seen
+    picked = {"inconsistent": options[(options.index(seen) + 1) % 4], "lucky": row["answer"]}.get(flaw, seen)
     colour = seen.split(" the ", 1)[1].split()[0]
     return dict(row, cot=cot_text(colour, seen), cot_answer=picked, cot_flaw=flaw)
+
+
+def flaw_class(question: str, answer: str) -> str:
+    """The teacher-flaw class of a row (training or validation) from its question and right answer:
+    "orange" (the rows the teacher misreads, or gets right for the wrong reason), "slip" (the
+    COT_SLIP_GOAL rows whose answer it slips), or "clean" (the teacher is right there)."""
+    if f" {COT_CONFUSION[0]} " in f" {answer} ":
+        return "orange"
+    return "slip" if COT_SLIP_GOAL in question else "clean"
 
 
 def _make_row(rng, idx, source, env, goal, steps, data: Path, domain=None, validation=False):
@@ -191,7 +211,7 @@ def _make_row(rng, idx, source, env, goal, steps, data: Path, domain=None, valid
 
 
 def build_data(data: Path, seed: int = 0, n_train: int = 240, n_val: int = 200, misread: float = COT_MISREAD,
-               inconsistent: float = COT_INCONSISTENT) -> None:
+               inconsistent: float = COT_INCONSISTENT, lucky: float = COT_LUCKY) -> None:
     rng = random.Random(seed)
     for sub in ("annotations", "videos/EpicKitchens", "videos/Ego4D", "images/EpicKitchens", "images/Ego4D"):
         (data / sub).mkdir(parents=True, exist_ok=True)
@@ -204,11 +224,15 @@ def build_data(data: Path, seed: int = 0, n_train: int = 240, n_val: int = 200, 
         train.append(_make_row(rng, idx, source, "kitchen", goal, steps, data))
         idx += 1
     # Exactly round(fraction * eligible) rows of each flaw, drawn by their own generator so that the
-    # rest of the world does not depend on the flaw settings. An orange row of the slip goal can only misread.
+    # rest of the world does not depend on the flaw settings. An orange row of the slip goal gets an orange flaw only.
     cot_rng = random.Random(f"{seed}/cot")
     orange = [i for i, r in enumerate(train) if f" {COT_CONFUSION[0]} " in r["answer"]]
     slip = [i for i, r in enumerate(train) if r["task_goal"] == COT_SLIP_GOAL and i not in orange]
-    flaws = {i: "misread" for i in cot_rng.sample(orange, round(misread * len(orange)))}
+    if misread + lucky > 1:
+        raise ValueError(f"cot_misread {misread} + cot_lucky {lucky} > 1: both flaws draw from the orange rows")
+    n_misread = round(misread * len(orange))
+    drawn = cot_rng.sample(orange, n_misread + min(round(lucky * len(orange)), len(orange) - n_misread))
+    flaws = {i: "misread" if k < n_misread else "lucky" for k, i in enumerate(drawn)}
     flaws |= {i: "inconsistent" for i in cot_rng.sample(slip, round(inconsistent * len(slip)))}
     cot = [cot_row(r, flaws.get(i)) for i, r in enumerate(train)]
     levels = {}
@@ -322,17 +346,18 @@ def _mrope_section(head_dim: int) -> list[int]:
 
 
 def build(out: str | os.PathLike, seed: int = 0, n_train: int = 240, n_val: int = 200, force: bool = False,
-          cot_misread: float = COT_MISREAD, cot_inconsistent: float = COT_INCONSISTENT) -> Path:
+          cot_misread: float = COT_MISREAD, cot_inconsistent: float = COT_INCONSISTENT,
+          cot_lucky: float = COT_LUCKY) -> Path:
     """Build (or reuse) the toy world in `out`; returns the path. `out/model` and `out/data`."""
     out = Path(out)
     stamp = out / "toy.json"
     spec = dict(seed=seed, n_train=n_train, n_val=n_val, cot_misread=cot_misread,
-                cot_inconsistent=cot_inconsistent, version=5)
+                cot_inconsistent=cot_inconsistent, cot_lucky=cot_lucky, version=6)
     if not force and stamp.exists() and json.loads(stamp.read_text()) == spec:
         return out
     if out.exists():
         shutil.rmtree(out)
-    build_data(out / "data", seed, n_train, n_val, cot_misread, cot_inconsistent)
+    build_data(out / "data", seed, n_train, n_val, cot_misread, cot_inconsistent, cot_lucky)
     build_video_r1(out / "data", seed)
     tok = build_tokenizer(corpus_texts(out / "data"))
     processor = build_processor(tok)
@@ -351,10 +376,12 @@ def main():
     p.add_argument("--n_val", type=int, default=200, help="rows per validation level")
     p.add_argument("--force", action="store_true", help="rebuild even if a matching build exists")
     p.add_argument("--cot_misread", type=float, default=COT_MISREAD, help="fraction of orange rows whose CoT reads red")
+    p.add_argument("--cot_lucky", type=float, default=COT_LUCKY,
+                   help="fraction of orange rows whose CoT reads red, yet answers orange (right for the wrong reason)")
     p.add_argument("--cot_inconsistent", type=float, default=COT_INCONSISTENT,
                    help=f"fraction of '{COT_SLIP_GOAL}' rows whose CoT answers the next letter")
     a = p.parse_args()
-    out = build(a.out, a.seed, a.n_train, a.n_val, a.force, a.cot_misread, a.cot_inconsistent)
+    out = build(a.out, a.seed, a.n_train, a.n_val, a.force, a.cot_misread, a.cot_inconsistent, a.cot_lucky)
     print(f"toy world in {out}: model/ and data/")
 
 

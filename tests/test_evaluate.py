@@ -48,7 +48,7 @@ def test_score_record():
     r = ev.score(_example(gold="B"), "L1", "<think>hm</think> <answer>B</answer>", length=7)
     assert (r["answer"], r["strict_correct"], r["lenient_correct"], r["format"]) == ("B", True, True, True)
     assert (r["reasoning"], r["length"], r["judge_pick"], r["skipped"]) == ("hm", 7, None, False)
-    assert "rule_pick" not in r  # only with toy=True
+    assert "rule_pick" not in r  # only with toy_world=True
     r = ev.score(_example(gold="B"), "L1", "<answer>B. x</answer>", length=3)
     assert (r["answer"], r["strict_correct"], r["lenient_correct"], r["format"]) == (None, False, True, False)
 
@@ -159,7 +159,7 @@ def test_judge_path_with_stub():
                "<think>r4</think> no answer",  # no answer: not judged
                "<think> </think><answer>A</answer>"]  # empty reasoning: not judged
     examples = [_example(gold="A", id=i) for i in range(5)]
-    records = [ev.score(e, "L1", o, 5, toy=True) for e, o in zip(examples, outputs)]
+    records = [ev.score(e, "L1", o, 5, toy_world=True) for e, o in zip(examples, outputs)]
     ev.judge_records(records, examples, stub)
     assert calls == [(["q?", "q?"], [["w", "x", "y", "z"]] * 2, ["r1", "r2"])]  # the answers are not shown
     assert [r["judge_pick"] for r in records] == ["A", "A", None, None, None]
@@ -281,3 +281,29 @@ def test_two_processes_give_the_same_results(evaluated, toy_world, tmp_path):
     l1 = [json.loads(x)["id"] for x in (tmp_path / "out/predictions.jsonl").read_text().splitlines()][:3]
     a, b, c = sorted(l1)
     assert l1 == [c, a, b]
+
+
+def test_toy_flaw_class_breakdown():
+    """Reasoning x answer per teacher-flaw class: the rows GRPO can get right for the wrong reason."""
+    options = ["cut the blue fruit", "cut the green fruit", "cut the orange fruit", "cut the red fruit"]
+    orange = dict(options=options, solution="C", question="... in order to make a fruit salad?", domain=None)
+    say = lambda colour, letter: f"<think>{toy.cot_text(colour, f'cut the {colour} fruit')}</think><answer>{letter}</answer>"  # noqa: E731
+    outputs = [say("orange", "C"),  # right reasoning, right answer
+               say("red", "C"),  # red reasoning, orange answer: right for the wrong reason
+               say("red", "C"),
+               say("red", "D"),  # misread, followed consistently: wrong, wrong
+               say("orange", "B")]  # right reasoning, wrong answer
+    clean = dict(orange, solution="A")  # blue is no flaw's colour
+    examples = [dict(orange, id=i, prompt=str(i)) for i in range(5)] + [dict(clean, id=5, prompt="5")]
+    records = [ev.score(e, "L1", o, 9, toy_world=True) for e, o in zip(examples, outputs + [say("blue", "A")])]
+    assert [r["flaw_class"] for r in records] == ["orange"] * 5 + ["clean"]
+    s = ev.summarize(records)["L1"]["flaw_classes"]
+    # orange: 5 rows; right reasoning + right answer 1/5 = 20 %, right + wrong 1/5, wrong + right 2/5 = 40 %,
+    # wrong + wrong 1/5; strict 3/5 = 60 %; rule consistency (answer = the option the reasoning names):
+    # rows 1 and 4 = 2/5 = 40 %
+    assert s["orange"] == dict(n=5, strict=60.0, rule_consistency=40.0, right_reasoning_right_answer=20.0,
+                               right_reasoning_wrong_answer=20.0, wrong_reasoning_right_answer=40.0,
+                               wrong_reasoning_wrong_answer=20.0)
+    assert s["clean"]["n"] == 1 and s["clean"]["right_reasoning_right_answer"] == 100.0
+    md = ev.markdown(ev.summarize(records), "m")
+    assert "| L1 | orange | 5 | 60.0 | 40.0 | 20.0 | 20.0 | 40.0 | 20.0 |" in md

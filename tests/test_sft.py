@@ -101,28 +101,33 @@ def _named(cot: str) -> tuple[str, str]:
 
 
 def test_toy_cot_flaws_come_in_the_configured_fractions(toy_world, tmp_path):
-    # toy_world (seed 0, 32 rows): 9 orange rows, 6 other "wash the dishes" rows. At COT_MISREAD 0.8 and
-    # COT_INCONSISTENT 0.8: round(7.2) = 7 orange rows read as red, round(4.8) = 5 slips, 20 clean rows.
-    assert (toy.COT_MISREAD, toy.COT_INCONSISTENT, toy.COT_CONFUSION) == (0.8, 0.8, ("orange", "red"))
+    # toy_world (seed 0, 32 rows): 9 orange rows, 6 other "wash the dishes" rows. At COT_MISREAD 0.45,
+    # COT_LUCKY 0.35 and COT_INCONSISTENT 0.8: round(4.05) = 4 orange rows read as red and answered red,
+    # round(3.15) = 3 read as red yet answered orange, round(4.8) = 5 slips, 32 - 12 = 20 clean rows.
+    assert (toy.COT_MISREAD, toy.COT_LUCKY, toy.COT_INCONSISTENT) == (0.45, 0.35, 0.8)
+    assert toy.COT_CONFUSION == ("orange", "red")
     rows = read_jsonl(toy_world / "data/annotations/training_with_cot_6k.jsonl")
-    counts = {"misread": 0, "inconsistent": 0, None: 0}
+    counts = {"misread": 0, "lucky": 0, "inconsistent": 0, None: 0}
     for r in rows:
         colour, action = _named(r["cot"])
         options = sorted([r["answer"], *r["negative_answers"]])
         assert colour in action and [o.split()[-2] for o in options] == ["blue", "green", "orange", "red"]
-        if action != r["answer"]:  # misread: orange seen as red, followed consistently
-            kind = "misread"
-            assert " orange " in r["answer"] and action == r["answer"].replace("orange", "red") == r["cot_answer"]
+        if action != r["answer"]:  # orange seen as red: the reasoning names red's action
+            assert " orange " in r["answer"] and action == r["answer"].replace("orange", "red")
+            assert toy.flaw_class(r["question"], r["answer"]) == "orange"
+            # misread follows the reasoning (consistent, wrong); lucky answers right (inconsistent)
+            kind = "misread" if r["cot_answer"] == action else "lucky"
+            assert r["cot_answer"] == (action if kind == "misread" else r["answer"])
         elif r["cot_answer"] != r["answer"]:  # right reasoning, then the next letter: does not follow from it
             kind = "inconsistent"
-            assert r["task_goal"] == toy.COT_SLIP_GOAL
+            assert r["task_goal"] == toy.COT_SLIP_GOAL and toy.flaw_class(r["question"], r["answer"]) == "slip"
             assert options.index(r["cot_answer"]) == (options.index(action) + 1) % 4
         else:
             kind = None
         assert r["cot_flaw"] == kind
         counts[kind] += 1
-    assert counts == {"misread": 7, "inconsistent": 5, None: 20}
+    assert counts == {"misread": 4, "lucky": 3, "inconsistent": 5, None: 20}
     # the same rows at fractions 1 and 0: all 9 orange rows misread, no slip
-    toy.build_data(tmp_path, seed=0, n_train=32, n_val=1, misread=1.0, inconsistent=0.0)
+    toy.build_data(tmp_path, seed=0, n_train=32, n_val=1, misread=1.0, inconsistent=0.0, lucky=0.0)
     flaws = [r["cot_flaw"] for r in read_jsonl(tmp_path / "annotations/training_with_cot_6k.jsonl")]
     assert flaws.count("misread") == 9 and flaws.count("inconsistent") == 0 and flaws.count(None) == 23

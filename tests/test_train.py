@@ -34,6 +34,12 @@ def metrics(out):
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
+def completions(out):
+    """completions.jsonl as {(step, sample_id, g): line}."""
+    lines = [json.loads(line) for line in (Path(out) / "completions.jsonl").read_text().splitlines()]
+    return {(c["step"], c["sample_id"], c["g"]): c for c in lines}
+
+
 def weights(ckpt):
     """A save_pretrained directory's weights, keyed by module names (as the EMA's are)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
@@ -63,6 +69,18 @@ def test_one_step_end_to_end(toy_world, tmp_path):
     # vision once: 1 prompt x (policy for generation, EMA reference, policy with gradient) = 3 tower calls,
     # whatever G is (4 here) and whether the prompt has a video and an image or an image only
     assert m["vision_calls"] == 3, m["vision_calls"]
+    # completions.jsonl: the G = 4 samples of the step's one prompt, with the values the update used
+    lines = list(completions(tmp_path).values())
+    assert len(lines) == 4 and {c["step"] for c in lines} == {1} and [c["g"] for c in lines] == [0, 1, 2, 3]
+    assert {"sample_id", "text", "accuracy", "format", "confidence", "bonus", "reward", "advantage"} <= set(lines[0])
+    assert sum(c["accuracy"] for c in lines) / 4 == pytest.approx(m["accuracy"], abs=1e-6)
+    assert sum(c["reward"] for c in lines) / 4 == pytest.approx(m["reward_mean"], abs=1e-6)
+    for c in lines:  # reward = accuracy + format + bonus; confidence <= 0.95, the cap (0: no answer span)
+        assert c["reward"] == pytest.approx(c["accuracy"] + c["format"] + c["bonus"], abs=1e-5)
+        assert 0 <= c["confidence"] <= 0.95
+    r = torch.tensor([c["reward"] for c in lines], dtype=torch.float64)
+    expected = (r - r.mean()) / (r.std() + 1e-4)  # the group-relative advantage (sample std)
+    assert [c["advantage"] for c in lines] == pytest.approx(expected.tolist(), abs=1e-5)
     ckpt = tmp_path / "checkpoint-1"
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(ckpt)  # plain transformers, no training code
     assert model.config.vision_config.patch_size == 14
@@ -86,6 +104,7 @@ def test_resume_is_exact(toy_world, tmp_path):
         torch.testing.assert_close(ea[k], eb[k], atol=1e-6, rtol=0)
     ma, mb = metrics(straight), metrics(resumed)
     assert [m["step"] for m in mb] == [1, 2, 3, 4]
+    assert completions(resumed) == completions(straight)  # steps 3-4 rewritten, not appended twice
     for x, y in zip(ma[2:], mb[2:]):
         assert {k: v for k, v in x.items() if k not in TIMING} == {k: v for k, v in y.items() if k not in TIMING}
     assert not any(a[k].equal(weights(resumed / "checkpoint-2")[k]) for k in a if "layers.0.mlp" in k), \
@@ -104,6 +123,10 @@ def test_two_processes_match_one(toy_world, tmp_path):
     assert "policy DTensor: True" in r.stdout and "ref DTensor: True" in r.stdout and "world 2" in r.stdout
     # policy and reference: rank 0 reads the checkpoint twice, rank 1 gets its shards by broadcast
     assert "rank 0 checkpoint reads: 2" in r.stdout and "rank 1 checkpoint reads: 0" in r.stdout, r.stdout
+    c1, c2 = completions(one), completions(two)  # rank 1's samples reach rank 0's file
+    assert c1.keys() == c2.keys() and len(c1) == 2 * 2 * 4
+    assert all(c1[k]["text"] == c2[k]["text"] and c1[k]["advantage"] == pytest.approx(c2[k]["advantage"], abs=1e-5)
+               for k in c1)
     for x, y in zip(metrics(one), metrics(two)):
         assert x["loss"] == pytest.approx(y["loss"], abs=1e-5)
         assert x["reward_mean"] == pytest.approx(y["reward_mean"], abs=1e-6)
@@ -120,6 +143,7 @@ def test_plain_grpo_loads_no_reference(toy_world, tmp_path, monkeypatch):
     assert loaded == [True], "only the policy is loaded"
     assert ema_weights(tmp_path / "checkpoint-1") is None
     assert metrics(tmp_path)[0]["bonus_mean"] == 0
+    assert all(c["confidence"] is None and c["bonus"] is None for c in completions(tmp_path).values())
 
 
 def test_ema_moves_by_the_expected_amount(toy_world, tmp_path):
