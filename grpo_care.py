@@ -7,7 +7,9 @@
 One step: each process takes `prompts_per_device` prompts, samples G completions per prompt,
 scores them (accuracy + format + CARE's consistency bonus from the EMA reference), turns the
 rewards into group-relative advantages, and takes `num_iterations` clipped policy-gradient steps.
-Every `ref_ema_every` steps the EMA reference moves toward the policy.
+Every `ref_ema_every` steps the EMA reference moves toward the policy. Each step appends one line
+to metrics.jsonl and, per sampled completion, one to completions.jsonl (text, rewards, confidence,
+bonus, advantage: what the update used), which shows which reasoning CARE rewarded.
 
 The policy and the reference are always wrapped with FSDP2 `fully_shard` (per vision block, the
 vision tower, per decoder layer, then the root), also for one process: one code path, and FSDP2's
