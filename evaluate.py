@@ -54,9 +54,11 @@ Departures from the reference and why:
 * the reference scores no consistency; the paper's judge is an external LLM, ours any local checkpoint.
 * the prompt is the training prompt (data.py); the reference's eval script words the think instruction
   slightly differently ("between the <think> and </think> tags").
-* MRA: the definition's strict "<" with exact thresholds (1 - threshold = (10 - i) / 20). The reference
-  compares in float32, where an error exactly on a threshold passes or fails by rounding (relative
-  error 0.05: 21 vs 20 passes at 0.95, 3.15 vs 3 fails); here it never passes. Truth 0: 1 for an exact 0.
+* MRA: the definition's strict "<", in exact rational arithmetic on the numbers as written (the relative
+  error and 1 - threshold = (10 - i) / 20). The reference compares in float32, where an error exactly on
+  a threshold passes or fails by rounding (relative error 0.05: 21 vs 20 passes at 0.95, 3.15 vs 3
+  fails; float64 would pass 3.15 vs 3, 2.85 vs 3 and 0.9 vs 1 at one threshold too many); here it never
+  passes. Truth 0: 1 for an exact 0 (the reference's +1e-8 denominator also passes a prediction of 1e-10).
 * OCR and free-form questions, where an eval file has any, get their graded reward; the reference gives 0.
 """
 from __future__ import annotations
@@ -67,6 +69,7 @@ import json
 import math
 import re
 from dataclasses import asdict
+from fractions import Fraction
 from pathlib import Path
 
 from data import LETTERS, Collator, VisionSpec, load_examples
@@ -124,11 +127,15 @@ def score(example: dict, level: str, output: str, length: int, toy: bool = False
 
 
 def mean_relative_accuracy(pred: float, truth: float) -> float:
-    """Fraction of thresholds t = 0.50, 0.55, ..., 0.95 with |pred - truth| / |truth| < 1 - t."""
+    """Fraction of thresholds t = 0.50, 0.55, ..., 0.95 with |pred - truth| / |truth| < 1 - t.
+
+    In exact rational arithmetic on the numbers as written (str(3.15) == "3.15", so 3.15 - 3 is 3/20,
+    not the binary 0.1499999...): an error exactly on a threshold never passes."""
     if truth == 0:  # no relative error around 0: only an exact hit counts
         return float(pred == 0)
-    rel = abs(pred - truth) / abs(truth)
-    return sum(rel < (10 - i) / 20 for i in range(10)) / 10  # 1 - (0.50 + 0.05 i), exact
+    p, t = Fraction(str(pred)), Fraction(str(truth))  # str: the shortest decimal that reads back as the float
+    rel = abs(p - t) / abs(t)
+    return sum(rel < Fraction(10 - i, 20) for i in range(10)) / 10  # 1 - (0.50 + 0.05 i) = (10 - i) / 20
 
 
 def benchmark_score(example: dict, benchmark: str, output: str, length: int) -> dict:

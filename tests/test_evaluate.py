@@ -70,6 +70,12 @@ def test_toy_rule_pick():
     (150, 100, 0.0),  # 0.5 is not < 0.5
     (-100, 100, 0.0),
     (0, 0, 1.0), (0.1, 0, 0.0),  # truth 0: an exact hit only
+    # decimals whose error lands exactly on a threshold (in float64 the first two come out 0.0499..., the
+    # third 0.0999..., and would pass one threshold more)
+    (3.15, 3, 0.9),  # |3.15 - 3| / 3 = 0.15 / 3 = 0.05: passes 1 - t = 0.50 ... 0.10, not 0.05
+    (2.85, 3, 0.9),  # 0.15 / 3 = 0.05 again, from below
+    (0.9, 1, 0.8),  # 0.1 / 1 = 0.1: passes 0.50 ... 0.15, not 0.10 or 0.05
+    (21, 20, 0.9),  # 1 / 20 = 0.05 (the reference's float32 passes it at 0.95)
 ])
 def test_mean_relative_accuracy(pred, truth, expected):
     assert ev.mean_relative_accuracy(pred, truth) == expected
@@ -83,6 +89,7 @@ def test_mean_relative_accuracy(pred, truth, expected):
     ("<answer>E</answer>", "E", "multiple choice", 1.0),  # MMVU has five options
     ("<answer>12</answer>", "10", "regression", 0.6),  # relative error 0.2: t = 0.50 ... 0.75
     ("<answer>twelve</answer>", "10", "regression", 0.0),
+    ("<answer>3.15</answer>", "3", "regression", 0.9),  # relative error exactly 0.05: not < 1 - 0.95
     ("<answer>3</answer>", "3", "numerical", 1.0),
     ("<answer>3.0</answer>", "3", "numerical", 0.0),
 ])
