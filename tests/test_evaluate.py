@@ -100,6 +100,21 @@ def test_benchmark_score(output, gold, problem_type, reward):
     assert r["judge_pick"] is None and not r["skipped"]
 
 
+def test_max_frames_default_to_the_reference_scripts():
+    assert ev.max_frames(None, None) == 16  # SEED-Bench-R1: eval_seed_bench_r1.sh --fps_max_frames 16
+    assert ev.max_frames(None, ["mvbench"]) == 32  # general: eval_general_video_bench.sh --fps_max_frames 32
+    assert ev.max_frames(8, ["mvbench"]) == 8 and ev.max_frames(32, None) == 32  # the flag wins
+
+
+def test_decoding():
+    greedy = dict(do_sample=False, max_new_tokens=1024)
+    assert ev.decoding("mmvu", 1024) == ev.decoding("mvbench", 1024, True) == ev.decoding("L1", 1024, True) == greedy
+    # eval_bench.py's MMVU sampling for "Video-R1" model paths: temperature 1, top-p 0.95, 768 tokens
+    assert ev.decoding("mmvu", 1024, True) == dict(do_sample=True, temperature=1.0, top_p=0.95, top_k=0,
+                                                   max_new_tokens=768)
+    assert ev.decoding("mmvu", 8, True)["max_new_tokens"] == 8
+
+
 def test_benchmark_stats_and_table():
     def rec(bench, id, problem_type, reward, skipped=False):
         if skipped:
