@@ -384,9 +384,9 @@ def main(argv=None):
                                                   else (model, processor)))
     collator = Collator(processor, vision)
     eos = model.generation_config.eos_token_id
+    pad = model.generation_config.pad_token_id or processor.tokenizer.pad_token_id
     gen_configs = {name: GenerationConfig(**decoding(name, a.max_new_tokens, a.video_r1_mmvu), repetition_penalty=1.0,
-                                          eos_token_id=eos if isinstance(eos, list) else [eos],
-                                          pad_token_id=model.generation_config.pad_token_id or processor.tokenizer.pad_token_id)
+                                          eos_token_id=eos if isinstance(eos, list) else [eos], pad_token_id=pad)
                    for name in (a.benchmark or a.levels)}
     torch.manual_seed(acc.process_index)  # sampled MMVU (--video_r1_mmvu): the same command samples the same
 
@@ -400,6 +400,7 @@ def main(argv=None):
         out.mkdir(parents=True, exist_ok=True)
         pred_path.write_text("".join(json.dumps(r) + "\n" for r in read_predictions(pred_path)))
     for level, examples in selection.items():
+        gen_config = gen_configs[level]
         todo = [e for e in examples if key(level, e) not in done]
         mine = todo[acc.process_index::acc.num_processes]  # i % world == rank
         # every rank runs the same number of steps: gather_object is collective
@@ -407,7 +408,7 @@ def main(argv=None):
         bar = tqdm(total=len(todo), desc=BENCHMARKS.get(level, f"SEED-Bench-R1 {level}"), disable=not acc.is_main_process)
         for s in range(steps):
             chunk = mine[s * a.batch_size:(s + 1) * a.batch_size]
-            records = gather_object(evaluate_batch(model, processor, collator, gen_configs[level], chunk, level, a.toy, judge))
+            records = gather_object(evaluate_batch(model, processor, collator, gen_config, chunk, level, a.toy, judge))
             if acc.is_main_process:
                 with open(pred_path, "a") as f:  # flushed per step: an interrupted run resumes here
                     f.writelines(json.dumps(r) + "\n" for r in records)
