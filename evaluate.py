@@ -38,7 +38,10 @@ relative accuracy (MRA): the fraction of thresholds 0.50, 0.55, ..., 0.95 at whi
 < 1 - threshold. Per benchmark: `score` (mean over all questions, the reference's mean_rewards),
 `accuracy` (all but regression, its mean_acc) and `mra` (regression only, its mean_mra). No judge here.
 
-Decoding: plain greedy, up to 1,024 new tokens, video at 2 fps up to 16 frames, batch 4. The reference
+Decoding: plain greedy, up to 1,024 new tokens, batch 4, video at 2 fps up to 16 frames on SEED-Bench-R1
+and 32 on the general benchmarks, as the reference's scripts/eval_seed_bench_r1.sh and
+eval_general_video_bench.sh pass --fps_max_frames (`--max_frames` overrides; results.json records the
+vision settings and the decoding of each level or benchmark). The reference
 (TencentARC/GRPO-CARE src/eval_bench.py) samples in vLLM with temperature 0.1 and top-p 0.001: top-p
 0.001 keeps only the most likely token unless two tie, so it is greedy decoding with a random tie
 break; we drop the randomness. We also pass the generation config explicitly (no repetition penalty,
@@ -46,19 +49,29 @@ no top-k), as vLLM's explicit SamplingParams do, instead of the checkpoint's gen
 Left padding is masked, so a sample's logits do not depend on its batch up to float rounding (tests
 check it) and 1 and N processes give the same results.json (tested on the toy). Rounding can still flip
 a near-tie of greedy decoding (bf16 kernels vary with batch shape); --batch_size 1 rules that out.
+`--video_r1_mmvu` reproduces eval_bench.py's MMVU decoding for checkpoints with "Video-R1" in their path
+(its own general-domain CARE checkpoint, ...-Margin0.01-Video-R1/checkpoint-1000, is scored so):
+sampled at temperature 1, top-p 0.95, up to 768 new tokens. Each process seeds torch with its rank, so
+the same command samples the same; another batch size, process count or a resume samples differently.
 
 Departures from the reference and why:
 * transformers `generate` instead of vLLM: one code path for every checkpoint, CPU included.
-* the reference's --fps_max_frames defaults to 32; we use 16, the training setting (data.VisionSpec).
-* a sample whose media cannot be read is skipped and counted (data.Collator), not written as
-  "<answer>error</answer>" for a whole batch; skipped samples are outside the accuracy denominators.
+* MMVU is greedy for every checkpoint unless --video_r1_mmvu: the reference switches to sampling when
+  "Video-R1" is in the model path, so a renamed directory would change its scores.
+* a sample whose media cannot be read is skipped and counted (data.Collator), and retried by a resume;
+  skipped samples are outside the accuracy denominators. The reference, on any error in a batch, sets
+  "<answer>error</answer>" for it and then `continue`s: the whole batch of 4, readable samples
+  included, drops out of its results and means, and its resume (start_idx = len(results)) then starts
+  4 samples too early per dropped batch: the last ones it scored are scored twice, the dropped never.
 * resuming is per sample ((level, id, prompt id) already in predictions.jsonl), not per position.
 * the reference scores no consistency; the paper's judge is an external LLM, ours any local checkpoint.
 * the prompt is the training prompt (data.py); the reference's eval script words the think instruction
   slightly differently ("between the <think> and </think> tags").
-* MRA: the definition's strict "<" with exact thresholds (1 - threshold = (10 - i) / 20). The reference
-  compares in float32, where an error exactly on a threshold passes or fails by rounding (relative
-  error 0.05: 21 vs 20 passes at 0.95, 3.15 vs 3 fails); here it never passes. Truth 0: 1 for an exact 0.
+* MRA: the definition's strict "<", in exact rational arithmetic on the numbers as written (the relative
+  error and 1 - threshold = (10 - i) / 20). The reference compares in float32, where an error exactly on
+  a threshold passes or fails by rounding (relative error 0.05: 21 vs 20 passes at 0.95, 3.15 vs 3
+  fails; float64 would pass 3.15 vs 3, 2.85 vs 3 and 0.9 vs 1 at one threshold too many); here it never
+  passes. Truth 0: 1 for an exact 0 (the reference's +1e-8 denominator also passes a prediction of 1e-10).
 * OCR and free-form questions, where an eval file has any, get their graded reward; the reference gives 0.
 """
 from __future__ import annotations
@@ -69,6 +82,7 @@ import json
 import math
 import re
 from dataclasses import asdict
+from fractions import Fraction
 from pathlib import Path
 
 import toy
@@ -128,11 +142,15 @@ def score(example: dict, level: str, output: str, length: int, toy_world: bool =
 
 
 def mean_relative_accuracy(pred: float, truth: float) -> float:
-    """Fraction of thresholds t = 0.50, 0.55, ..., 0.95 with |pred - truth| / |truth| < 1 - t."""
+    """Fraction of thresholds t = 0.50, 0.55, ..., 0.95 with |pred - truth| / |truth| < 1 - t.
+
+    In exact rational arithmetic on the numbers as written (str(3.15) == "3.15", so 3.15 - 3 is 3/20,
+    not the binary 0.1499999...): an error exactly on a threshold never passes."""
     if truth == 0:  # no relative error around 0: only an exact hit counts
         return float(pred == 0)
-    rel = abs(pred - truth) / abs(truth)
-    return sum(rel < (10 - i) / 20 for i in range(10)) / 10  # 1 - (0.50 + 0.05 i), exact
+    p, t = Fraction(str(pred)), Fraction(str(truth))  # str: the shortest decimal that reads back as the float
+    rel = abs(p - t) / abs(t)
+    return sum(rel < Fraction(10 - i, 20) for i in range(10)) / 10  # 1 - (0.50 + 0.05 i) = (10 - i) / 20
 
 
 def benchmark_score(example: dict, benchmark: str, output: str, length: int) -> dict:
@@ -336,6 +354,21 @@ def key(level: str, example_or_record: dict) -> tuple:
     return level, str(r["id"]), r.get("prompt_id") or prompt_id(r)
 
 
+def max_frames(flag: int | None, benchmark: list[str] | None) -> int:
+    """--max_frames, else the reference's eval scripts': 32 on the general benchmarks
+    (scripts/eval_general_video_bench.sh), 16 on SEED-Bench-R1 (eval_seed_bench_r1.sh, our training setting)."""
+    return flag if flag is not None else 32 if benchmark else 16
+
+
+def decoding(level: str, max_new_tokens: int, video_r1_mmvu: bool = False) -> dict:
+    """GenerationConfig arguments for one level or benchmark: greedy, or with `video_r1_mmvu` MMVU sampled
+    as eval_bench.py samples it for a model path containing "Video-R1" (top_k=0: vLLM has no top-k),
+    up to its 768 new tokens or `max_new_tokens` if fewer."""
+    if video_r1_mmvu and level == "mmvu":
+        return dict(do_sample=True, temperature=1.0, top_p=0.95, top_k=0, max_new_tokens=min(768, max_new_tokens))
+    return dict(do_sample=False, max_new_tokens=max_new_tokens)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model_path", required=True)
@@ -351,7 +384,11 @@ def main(argv=None):
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--max_new_tokens", type=int, default=1024)
     p.add_argument("--fps", type=float, default=2.0)
-    p.add_argument("--max_frames", type=int, default=16)
+    p.add_argument("--max_frames", type=int, default=None,
+                   help="video frames at most; default the reference's: 16 on SEED-Bench-R1, 32 with --benchmark")
+    p.add_argument("--video_r1_mmvu", action="store_true",
+                   help="MMVU decoded as the reference decodes Video-R1-trained checkpoints: sampled at temperature 1, "
+                        "top-p 0.95, up to 768 new tokens (fewer if --max_new_tokens is)")
     p.add_argument("--toy", action="store_true", help="toy world: toy media sizes and rule consistency")
     a = p.parse_args(argv)
 
@@ -365,15 +402,18 @@ def main(argv=None):
     acc = Accelerator(cpu=not torch.cuda.is_available())
     out = Path(a.output_dir or Path(a.model_path) / ("eval_general" if a.benchmark else "eval_seed_bench_r1"))
     pred_path = out / "predictions.jsonl"
-    vision = VisionSpec(**toy.TOY_VISION) if a.toy else VisionSpec(video_fps=a.fps, video_max_frames=a.max_frames)
+    vision = (VisionSpec(**toy.TOY_VISION) if a.toy else
+              VisionSpec(video_fps=a.fps, video_max_frames=max_frames(a.max_frames, a.benchmark)))
     model, processor = load_model(a.model_path, acc.device)
     judge = None if a.benchmark else make_judge(*(load_model(a.judge_model, acc.device) if a.judge_model
                                                   else (model, processor)))
     collator = Collator(processor, vision)
     eos = model.generation_config.eos_token_id
-    gen_config = GenerationConfig(do_sample=False, max_new_tokens=a.max_new_tokens, repetition_penalty=1.0,
-                                  eos_token_id=eos if isinstance(eos, list) else [eos],
-                                  pad_token_id=model.generation_config.pad_token_id or processor.tokenizer.pad_token_id)
+    pad = model.generation_config.pad_token_id or processor.tokenizer.pad_token_id
+    gen_configs = {name: GenerationConfig(**decoding(name, a.max_new_tokens, a.video_r1_mmvu), repetition_penalty=1.0,
+                                          eos_token_id=eos if isinstance(eos, list) else [eos], pad_token_id=pad)
+                   for name in (a.benchmark or a.levels)}
+    torch.manual_seed(acc.process_index)  # sampled MMVU (--video_r1_mmvu): the same command samples the same
 
     root = Path(a.data_root)
     files = ({b: root / "Evaluation" / f"eval_{b}.json" for b in a.benchmark} if a.benchmark else
@@ -385,6 +425,7 @@ def main(argv=None):
         out.mkdir(parents=True, exist_ok=True)
         pred_path.write_text("".join(json.dumps(r) + "\n" for r in read_predictions(pred_path)))
     for level, examples in selection.items():
+        gen_config = gen_configs[level]
         todo = [e for e in examples if key(level, e) not in done]
         mine = todo[acc.process_index::acc.num_processes]  # i % world == rank
         # every rank runs the same number of steps: gather_object is collective
@@ -407,7 +448,8 @@ def main(argv=None):
     results = dict(model=a.model_path, judge=None if a.benchmark else a.judge_model or "self",
                    **{"benchmarks" if a.benchmark else "levels": summary},
                    skipped=sum(s["skipped"] for k, s in summary.items() if "/" not in k),
-                   decoding=dict(greedy=True, max_new_tokens=a.max_new_tokens), vision=asdict(vision))
+                   decoding={name: decoding(name, a.max_new_tokens, a.video_r1_mmvu) for name in selection},
+                   vision=asdict(vision))
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "results.md").write_text(markdown(summary, a.model_path))
     print(markdown(summary, a.model_path))

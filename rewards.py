@@ -35,6 +35,9 @@ with the reference's semantics and these departures:
   prompt per device); here each completion carries its own type.
 - OCR's word edit distance is nltk's `edit_distance` (the same Levenshtein count as the
   reference's own loop); free-form uses the `rouge-score` package, as the reference.
+- a completion with no complete answer tag scores 0 for every type. The reference reads it as the
+  answer "", which differs only where the gold answer is empty too: for OCR, WER("", "") = 0 gives it
+  1.0 (harmless: no real transcription or option letter is empty).
 """
 
 import functools

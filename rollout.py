@@ -36,9 +36,12 @@ Departures from the reference code (TencentARC/GRPO-CARE), and why:
   rarely binds.
 * the confidence span (`answer_span_mask`) is the answer the accuracy reward grades: the tokens
   overlapping the stripped text of the first complete <answer>...</answer>. The reference scans
-  back to the last `<answer>` token and ends the span 3 tokens before the EOS, which assumes the
-  completion ends exactly `</answer><|im_end|>`; with `<answer> B </answer>` it scores `>` and
-  ` B` (about the square root of p(B)), and text after `</answer>` runs into its span.
+  back to the last token holding the `answer` of an `<answer>`, starts the span right after it and
+  ends it 3 tokens before the EOS, which assumes the completion ends exactly `</answer><|im_end|>`;
+  text after `</answer>` runs into its span. The tag's `>` is in that span unless the tokenizer
+  merged it into the answer's first token: Qwen's merges `>B`, but splits digits one by one, so for
+  every numeric answer (`>`, `1`, `2` for "12") and for a spaced one (`<answer> B </answer>`: `>` and
+  ` B`) the near-certain `>` enters the mean (for a one-token answer about the square root of p(B)).
 """
 from __future__ import annotations
 

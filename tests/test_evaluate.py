@@ -70,6 +70,12 @@ def test_toy_rule_pick():
     (150, 100, 0.0),  # 0.5 is not < 0.5
     (-100, 100, 0.0),
     (0, 0, 1.0), (0.1, 0, 0.0),  # truth 0: an exact hit only
+    # decimals whose error lands exactly on a threshold (in float64 the first two come out 0.0499..., the
+    # third 0.0999..., and would pass one threshold more)
+    (3.15, 3, 0.9),  # |3.15 - 3| / 3 = 0.15 / 3 = 0.05: passes 1 - t = 0.50 ... 0.10, not 0.05
+    (2.85, 3, 0.9),  # 0.15 / 3 = 0.05 again, from below
+    (0.9, 1, 0.8),  # 0.1 / 1 = 0.1: passes 0.50 ... 0.15, not 0.10 or 0.05
+    (21, 20, 0.9),  # 1 / 20 = 0.05 (the reference's float32 passes it at 0.95)
 ])
 def test_mean_relative_accuracy(pred, truth, expected):
     assert ev.mean_relative_accuracy(pred, truth) == expected
@@ -83,6 +89,7 @@ def test_mean_relative_accuracy(pred, truth, expected):
     ("<answer>E</answer>", "E", "multiple choice", 1.0),  # MMVU has five options
     ("<answer>12</answer>", "10", "regression", 0.6),  # relative error 0.2: t = 0.50 ... 0.75
     ("<answer>twelve</answer>", "10", "regression", 0.0),
+    ("<answer>3.15</answer>", "3", "regression", 0.9),  # relative error exactly 0.05: not < 1 - 0.95
     ("<answer>3</answer>", "3", "numerical", 1.0),
     ("<answer>3.0</answer>", "3", "numerical", 0.0),
 ])
@@ -91,6 +98,21 @@ def test_benchmark_score(output, gold, problem_type, reward):
     r = ev.benchmark_score(ex, "vsibench", output, length=4)
     assert r["reward"] == reward and (r["level"], r["gold"], r["problem_type"]) == ("vsibench", gold, problem_type)
     assert r["judge_pick"] is None and not r["skipped"]
+
+
+def test_max_frames_default_to_the_reference_scripts():
+    assert ev.max_frames(None, None) == 16  # SEED-Bench-R1: eval_seed_bench_r1.sh --fps_max_frames 16
+    assert ev.max_frames(None, ["mvbench"]) == 32  # general: eval_general_video_bench.sh --fps_max_frames 32
+    assert ev.max_frames(8, ["mvbench"]) == 8 and ev.max_frames(32, None) == 32  # the flag wins
+
+
+def test_decoding():
+    greedy = dict(do_sample=False, max_new_tokens=1024)
+    assert ev.decoding("mmvu", 1024) == ev.decoding("mvbench", 1024, True) == ev.decoding("L1", 1024, True) == greedy
+    # eval_bench.py's MMVU sampling for "Video-R1" model paths: temperature 1, top-p 0.95, 768 tokens
+    assert ev.decoding("mmvu", 1024, True) == dict(do_sample=True, temperature=1.0, top_p=0.95, top_k=0,
+                                                   max_new_tokens=768)
+    assert ev.decoding("mmvu", 8, True)["max_new_tokens"] == 8
 
 
 def test_benchmark_stats_and_table():

@@ -295,6 +295,12 @@ def test_ocr(pred, gold, expected):
     assert _acc(pred, gold, "OCR") == expected
 
 
+def test_ocr_empty_gold():
+    assert _acc("", "", "OCR") == 1.0  # WER of no words against no words: 0 edits / max(1, 0)
+    # no complete tag: no answer, 0 (the reference reads it as "" and scores 1.0 here)
+    assert accuracy_reward(["<think>t</think> blank"], ["<answer></answer>"], ["OCR"]) == [0.0]
+
+
 @pytest.mark.parametrize("pred, gold, expected", [
     ("the red cup", "the red cup", 1.0),
     ("red cups", "red cup", 1.0),  # stemmed

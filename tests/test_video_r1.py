@@ -132,10 +132,13 @@ def test_training_step_on_the_mixed_file(toy_world, tmp_path, monkeypatch):
 def test_benchmark_evaluation_end_to_end(toy_world, tmp_path):
     results = ev.main(["--model_path", str(toy_world / "model"), "--data_root", str(toy_world / "data"),
                        "--output_dir", str(tmp_path), "--benchmark", *ev.BENCHMARKS, "--max_new_tokens", "8",
-                       "--batch_size", "4", "--toy"])
+                       "--batch_size", "4", "--toy", "--video_r1_mmvu"])
     assert json.loads((tmp_path / "results.json").read_text()) == results and results["skipped"] == 0
     bench = results["benchmarks"]
     assert list(bench) == list(ev.BENCHMARKS)
+    # --video_r1_mmvu: MMVU sampled (the reference's decoding for Video-R1 checkpoints), the others greedy
+    assert results["decoding"]["mmvu"] == dict(do_sample=True, temperature=1.0, top_p=0.95, top_k=0, max_new_tokens=8)
+    assert all(results["decoding"][b] == dict(do_sample=False, max_new_tokens=8) for b in bench if b != "mmvu")
     assert [bench[b]["n"] for b in bench] == [3, 2, 2, 2, 2, 2]  # VSI-Bench: multiple choice, regression, numerical
     assert bench["vsibench"]["mra"] is not None and all(bench[b]["mra"] is None for b in bench if b != "vsibench")
     lines = [json.loads(x) for x in (tmp_path / "predictions.jsonl").read_text().splitlines()]
