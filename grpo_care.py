@@ -467,10 +467,10 @@ def plot_metrics(metrics_file: Path, png: Path) -> None:
 RUN_FILES = ("metrics.jsonl", "completions.jsonl", "curves.png", "tensorboard")  # with checkpoint-*: a run's own
 
 
-def check_output_dir(out: Path, resuming: bool, overwrite: bool) -> list[Path]:
-    """The run files already in `out`. A used dir is refused unless the run resumes (it then owns them)
-    or `overwrite` (the caller deletes them). Read-only: every rank may call it."""
-    used = sorted(out.glob("checkpoint-*")) + [out / f for f in RUN_FILES if (out / f).exists()]
+def check_output_dir(out: Path, resuming: bool, overwrite: bool, files=RUN_FILES) -> list[Path]:
+    """The run files (`files`, checkpoint-*) already in `out`, to delete. A used dir is refused unless the
+    run resumes (it then owns them: nothing to delete) or `overwrite`. Read-only: every rank may call it."""
+    used = sorted(out.glob("checkpoint-*")) + [out / f for f in files if (out / f).exists()]
     if used and not resuming and not overwrite:
         names = ", ".join(p.name for p in used[:4]) + (", ..." if len(used) > 4 else "")
         raise ConfigError(f"--output_dir {out} holds a run ({names}): pass --resume_from_checkpoint latest to "
