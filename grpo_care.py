@@ -28,6 +28,13 @@ Departures from the paper / reference code (TencentARC/GRPO-CARE), and why:
 - No length bonus, as the reference's SEED-Bench-R1 scripts (`--len_control false`; its grpo.py
   default adds +0.2 for accurate answers of 320-512 tokens).
 
+Before any model is loaded the run checks its flags (`validate_config`: each error names the flag and
+its range), every annotation row (data.py), its output dir (`check_output_dir`: a used one is refused
+unless resuming or `--overwrite_output_dir true`) and, on resume, the checkpoint's config
+(`compare_resume_config`). Unreadable samples are skipped and counted against `--max_skip_frac`
+(`skip_verdict`); the counts are carried through resume. As a command (`run_cli`), such user errors
+print one line and exit 2.
+
 Core math of the update, as pure functions (tensors in, tensors out, no model, no config):
 - `policy_loss`: the clipped GRPO surrogate with optional k3 KL. With `old_logps = logps.detach()`
   it is exactly the reference's loss. The reference clamps `ref - logp` to [-10, 10] inside the KL;

@@ -164,6 +164,10 @@ def test_nonfinite_loss_skips_the_update(toy_world, tmp_path, monkeypatch):
     for k in theta1:
         assert theta0[k].equal(theta1[k]), k
     assert metrics(tmp_path)[0]["nonfinite_steps"] == 1
+    # the count is the run's: a resumed run carries it on (before: it restarted at 0)
+    monkeypatch.setattr(grpo_care, "policy_loss", real)
+    grpo_care.main(args(toy_world, tmp_path, "--max_steps", "2", "--use_care", "false", "--resume_from_checkpoint", "latest"))
+    assert [m["nonfinite_steps"] for m in metrics(tmp_path)] == [1, 1]
 
 
 def test_crash_while_saving_keeps_the_previous_checkpoint(toy_world, tmp_path, monkeypatch):
