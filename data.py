@@ -195,11 +195,13 @@ def check_seed_row(row: dict, where: str, validation: bool) -> None:
     for field in VALIDATION_FIELDS if validation else TRAIN_FIELDS:
         if field not in row:
             raise fail(field, "missing field" + (" (a validation file's row)" if validation else ""))
-    for field in ("question", "answer", "video_source", "video_basename", "current_observation_basename"):
-        if not isinstance(row[field], str) or not row[field]:
-            raise fail(field, f"expected a non-empty string, got {row[field]!r}")
     if not isinstance(row["task_progress_metadata"], list):
         raise fail("task_progress_metadata", f"expected a list, got {type(row['task_progress_metadata']).__name__}")
+    # the fields the prompt and the media paths are built from (video_basename only where there is a video)
+    for field in ("question", "answer", "video_source", "current_observation_basename") + (
+            ("video_basename",) if row["task_progress_metadata"] else ()):
+        if not isinstance(row[field], str) or not row[field]:
+            raise fail(field, f"expected a non-empty string, got {row[field]!r}")
     if validation:
         if row["golden_choice_idx"] not in tuple(LETTERS):
             raise fail("golden_choice_idx", f"{row['golden_choice_idx']!r} is not one of {', '.join(LETTERS)}")
@@ -210,8 +212,6 @@ def check_seed_row(row: dict, where: str, validation: bool) -> None:
         neg = row["negative_answers"]
         if not isinstance(neg, list) or len(neg) < 3 or not all(isinstance(n, str) for n in neg):
             raise fail("negative_answers", f"expected a list of at least 3 strings, got {neg!r}")
-        if row["answer"] in neg:
-            raise fail("negative_answers", f"holds the answer {row['answer']!r}")
 
 
 def make_example(row: dict, data_root: str | os.PathLike, seed: int = 0, epoch: int = 0,

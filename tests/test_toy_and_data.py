@@ -205,7 +205,8 @@ def test_a_validation_file_is_checked_as_validation_rows(tmp_path, change, messa
 
 @pytest.mark.parametrize("change, message", [
     (dict(negative_answers=["a", "b"]), r"negative_answers: expected a list of at least 3 strings"),
-    (dict(negative_answers=["a", "b", "dry the red cup"]), r"negative_answers: holds the answer"),
+    (dict(negative_answers="dry the blue cup"), r"negative_answers: expected a list of at least 3 strings"),
+    (dict(video_basename=""), r"video_basename: expected a non-empty string"),  # the row has a video
     (dict(question=""), r"question: expected a non-empty string"),
     (dict(task_progress_metadata=None), r"task_progress_metadata: missing field"),
 ])
