@@ -289,6 +289,21 @@ def load_examples(path: str | os.PathLike, data_root: str | os.PathLike, seed: i
     return [make_example(r, data_root, seed, epoch, where, shuffle_options, validation) for where, r in rows]
 
 
+def check_media_dirs(examples: list[dict], source: str | os.PathLike) -> None:
+    """Raises DataError when a folder that media of `examples` live in is missing (a wrong --data_root,
+    no videos/): each sample would be skipped one by one, so the run is stopped before it starts."""
+    needed = {}
+    for ex in examples:
+        for path in (ex["video"], ex["image"]):
+            if path is not None:
+                needed.setdefault(os.path.dirname(path), 0)
+                needed[os.path.dirname(path)] += 1
+    for folder, n in needed.items():
+        if not os.path.isdir(folder):
+            raise DataError(f"{source}: {folder}: no such directory ({n} media files of this file are there; "
+                            "check --data_root)")
+
+
 def step_examples(load_epoch, seed: int, per_step: int, steps_per_epoch: int, rank: int, world: int):
     """`step -> this process's examples` for a training loop. Epoch e is `load_epoch(e)` in an order
     seeded by (seed, e), the same whatever the process count; step s takes its examples

@@ -673,7 +673,7 @@ def main(argv: list[str] | None = None):
     from transformers import AutoProcessor, get_cosine_schedule_with_warmup
 
     import rollout
-    from data import Collator, load_examples, step_examples
+    from data import Collator, check_media_dirs, load_examples, step_examples
     from rewards import (accuracy_reward, answer_confidence, bonus_selective, consistency_bonus, format_reward,
                          group_advantages, total_reward)
 
@@ -684,7 +684,9 @@ def main(argv: list[str] | None = None):
 
     # --- before any model is loaded: every annotation row checked, the output dir and the resume point ---
     train_path = Path(cfg.data_root) / cfg.train_file
-    n_rows = len(load_examples(train_path, cfg.data_root))  # a malformed row: DataError naming file:line, field
+    examples = load_examples(train_path, cfg.data_root)  # a malformed row: DataError naming file:line, field
+    check_media_dirs(examples, train_path)
+    n_rows = len(examples)
     prompts_per_step = cfg.prompts_per_device * world
     steps_per_epoch = n_rows // prompts_per_step
     if steps_per_epoch == 0:

@@ -108,14 +108,16 @@ def parse_config(argv: list[str] | None = None) -> SFTConfig:
 def rows_with_reasoning(train_path: Path, data_root, seed: int, shuffle_options: bool):
     """(rows, keep): every row of `train_path` checked (DataError names file:line), and whether each has a
     reasoning to imitate. A row with an empty `cot` (Video-R1: `process`) is skipped and reported, not fatal."""
-    from data import DataError, load_examples, read_located_rows
+    from data import DataError, check_media_dirs, load_examples, read_located_rows
     from grpo_care import rank0_print
 
     located = read_located_rows(train_path)
-    keep = [bool(ex["cot"]) for ex in load_examples(train_path, data_root, seed, 0, shuffle_options)]
+    examples = load_examples(train_path, data_root, seed, 0, shuffle_options)
+    keep = [bool(ex["cot"]) for ex in examples]
     missing = [where for (where, _), k in zip(located, keep) if not k]
     if len(missing) == len(keep):
         raise DataError(f"{train_path}: no row has a reasoning ('cot', or Video-R1's 'process') to imitate")
+    check_media_dirs([ex for ex, k in zip(examples, keep) if k], train_path)
     if missing:
         rank0_print(f"skipping {len(missing)} of {len(keep)} rows with no reasoning ('cot'/'process' empty or "
                     f"absent): {', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}")

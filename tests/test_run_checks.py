@@ -101,11 +101,24 @@ def test_skip_log_summary():
     assert grpo_care.SkipLog(**asdict(log)) == log, "round-trips through trainer_state.json"
 
 
-def test_a_run_with_no_readable_sample_aborts(toy_world, tmp_path):
-    # a wrong --data_root: the annotations are there, the media are not. Before: 16 warnings, exit 0, "done:"
+def test_a_missing_media_folder_fails_before_any_model(toy_world, tmp_path, no_models):
+    # a wrong --data_root: the annotations are there, videos/ and images/ are not
     root = tmp_path / "root"
     (root / "annotations").mkdir(parents=True)
     (root / "annotations/training_6k.jsonl").write_text((toy_world / "data/annotations/training_6k.jsonl").read_text())
+    with pytest.raises(DataError, match=r"training_6k\.jsonl: .*root/(videos|images)/\w+: no such directory \(\d+ "
+                                        r"media files of this file are there; check --data_root\)"):
+        grpo_care.main(args(toy_world, tmp_path / "out", "--data_root", str(root)))
+
+
+def test_a_run_with_no_readable_sample_aborts(toy_world, tmp_path):
+    # the folders are there, the files are not (a failed copy). Before: 16 warnings, exit 0, "done:"
+    root = tmp_path / "root"
+    (root / "annotations").mkdir(parents=True)
+    (root / "annotations/training_6k.jsonl").write_text((toy_world / "data/annotations/training_6k.jsonl").read_text())
+    for kind in ("videos", "images"):
+        for d in (toy_world / "data" / kind).iterdir():
+            (root / kind / d.name).mkdir(parents=True)
     out = tmp_path / "out"
     with pytest.raises(RunAborted, match=r"4 of this step's 4 samples are unreadable .*skipped 4 of 4 samples "
                                          r"\(4 file not found\); first: .*root/(videos|images)/"):

@@ -145,6 +145,7 @@ def test_video_r1_rows_without_process_are_skipped_not_fatal(tmp_path, monkeypat
     row = dict(problem_id=1, problem="Which?", data_type="image", problem_type="multiple choice",
                options=["A. red", "B. blue"], process="<think>I see red.</think>", solution="<answer>A</answer>",
                path="./img/a.png")
+    (tmp_path / "img").mkdir()
     f = tmp_path / "train.json"
     f.write_text(json.dumps([row, dict(row, problem_id=2, process=""), dict(row, problem_id=3, process="<think></think>")]))
     rows, keep = sft.rows_with_reasoning(f, tmp_path, seed=0, shuffle_options=True)
