@@ -191,8 +191,6 @@ TOY_DEFAULTS = dict(shuffle_options=False, max_new_tokens=48, prompts_per_device
 
 
 def parse_config(argv: list[str] | None = None) -> Config:
-    from transformers import HfArgumentParser
-
     argv = sys.argv[1:] if argv is None else argv
     cfg = parse_flags(Config, argv)
     if cfg.toy is None:
