@@ -23,7 +23,9 @@ Training rows of SEED-Bench-R1 get 3 distractors sampled from `negative_answers`
 shuffled by a generator seeded with (seed, epoch, sample_id): the same run sees the same options
 whatever the process count, and a new epoch reshuffles deterministically (`shuffle_options=False`:
 alphabetical order instead, the toy's setting, see toy.py). Validation rows keep
-`choice_a`…`choice_d` in file order with `golden_choice_idx`. Video-R1 options stay in file order,
+`choice_a`…`choice_d` in file order with `golden_choice_idx`; a row is a validation row when its
+file is named `validation*` (`split_of`), never by its fields. Every row is checked when the file
+is read (`check_seed_row`): a malformed row raises DataError "<file>:<line>: <field>: <problem>". Video-R1 options stay in file order,
 as in the reference.
 
 Departures from the reference code, and why:
@@ -31,7 +33,8 @@ Departures from the reference code, and why:
   we seed per sample so runs are reproducible and resumable.
 * a missing or corrupt video/image there crashes the step (or qwen-vl-utils silently falls back to
   another reader); here the sample is skipped with one warning naming the file and counted in
-  `Collator.skipped`, never replaced by another sample.
+  `Collator.skipped` (with the file and reason in `Collator.failures`), never replaced by another
+  sample. A zero-byte file is reported as such, and a bad image as the image, not as the video.
 * video time positions: the processor gets each video's sampled fps (`video_metadata`), so
   Qwen2.5-VL's temporal position ids advance with real seconds (`second_per_grid_ts` =
   2 frames / sampled fps), in generation and in every log-prob pass. The reference's training
@@ -86,6 +89,14 @@ class DataError(ValueError):
     """A data file is malformed: the message names the file and line, or the field and sample."""
 
 
+class MediaError(OSError):
+    """One sample's video or image cannot be read: `path` is the file at fault, `reason` why."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, reason
+
+
 @dataclass(frozen=True)
 class VisionSpec:
     """How media become pixels (qwen-vl-utils keys). Defaults are the reference's."""
@@ -115,16 +126,53 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 
 def read_rows(path: str | os.PathLike) -> list[dict]:
     """Rows of a JSON list (Video-R1's .json) or of JSON lines, whichever the file holds."""
+    return [row for _, row in read_located_rows(path)]
+
+
+def read_located_rows(path: str | os.PathLike) -> list[tuple[str, dict]]:
+    """(where, row) pairs: `where` is "file:line" for JSON lines, "file:line[#i]" for a JSON list."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: annotation file not found")
     text = Path(path).read_text()
     if not text.lstrip().startswith("["):
-        return read_jsonl(path)
+        rows, lineno = [], 0
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((f"{path}:{lineno}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+        for where, row in rows:
+            if not isinstance(row, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        return rows
     try:
         rows = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
     if not all(isinstance(r, dict) for r in rows):
         raise DataError(f"{path}: expected a JSON list of objects")
-    return rows
+    # a JSON list has no line per row; the line where each object opens is found by a scan of the text
+    starts = _object_lines(text)
+    return [(f"{path}:{starts[i] if i < len(starts) else '?'}[#{i}]", r) for i, r in enumerate(rows)]
+
+
+def _object_lines(text: str) -> list[int]:
+    """Line numbers where the objects of a (valid) top-level JSON list open."""
+    decoder, gap = json.JSONDecoder(), re.compile(r"[\s,]*")
+    lines, line, last, pos = [], 1, 0, gap.match(text, text.index("[") + 1).end()
+    while pos < len(text) and text[pos] != "]":
+        line, last = line + text.count("\n", last, pos), pos
+        lines.append(line)
+        pos = gap.match(text, decoder.raw_decode(text, pos)[1]).end()
+    return lines
+
+
+def split_of(path: str | os.PathLike) -> str:
+    """'validation' for SEED-Bench-R1's validation_L*.jsonl (any file named validation*), else 'train'.
+    The file, not a field, tells: a validation row missing golden_choice_idx is an error, not a training row."""
+    return "validation" if Path(path).name.startswith("validation") else "train"
 
 
 def question_prompt(problem: str, problem_type: str, options: list[str]) -> str:
@@ -140,22 +188,44 @@ def prompt_text(question: str, options: list[str]) -> str:
     return question_prompt(question, "multiple choice", [f"{LETTERS[i]}. {o}" for i, o in enumerate(options)])
 
 
-def make_example(row: dict, data_root: str | os.PathLike, seed: int = 0, epoch: int = 0,
-                 source: str = "?", shuffle_options: bool = True) -> dict:
-    """One annotation row -> {id, options, solution, prompt, video, image, level info}.
-
-    `source` names the file (and line) for error messages. `shuffle_options=False` lists a training
-    row's 4 options in alphabetical order instead of shuffling them (the toy's setting)."""
-    validation = "golden_choice_idx" in row
+def check_seed_row(row: dict, where: str, validation: bool) -> None:
+    """Raises DataError "<file>:<line>: <field>: <problem> (sample_id=...)" for a malformed SEED-Bench-R1 row."""
+    sid = f" (sample_id={row.get('sample_id', '?')})"
+    fail = lambda field, problem: DataError(f"{where}: {field}: {problem}{sid}")  # noqa: E731
     for field in VALIDATION_FIELDS if validation else TRAIN_FIELDS:
         if field not in row:
-            raise DataError(f"{source}: sample_id={row.get('sample_id', '?')}: missing field '{field}'")
+            raise fail(field, "missing field" + (" (a validation file's row)" if validation else ""))
+    if not isinstance(row["task_progress_metadata"], list):
+        raise fail("task_progress_metadata", f"expected a list, got {type(row['task_progress_metadata']).__name__}")
+    # the fields the prompt and the media paths are built from (video_basename only where there is a video)
+    for field in ("question", "answer", "video_source", "current_observation_basename") + (
+            ("video_basename",) if row["task_progress_metadata"] else ()):
+        if not isinstance(row[field], str) or not row[field]:
+            raise fail(field, f"expected a non-empty string, got {row[field]!r}")
+    if validation:
+        if row["golden_choice_idx"] not in tuple(LETTERS):
+            raise fail("golden_choice_idx", f"{row['golden_choice_idx']!r} is not one of {', '.join(LETTERS)}")
+        for k in "abcd":
+            if not isinstance(row[f"choice_{k}"], str):
+                raise fail(f"choice_{k}", f"expected a string, got {row[f'choice_{k}']!r}")
+    else:
+        neg = row["negative_answers"]
+        if not isinstance(neg, list) or len(neg) < 3 or not all(isinstance(n, str) for n in neg):
+            raise fail("negative_answers", f"expected a list of at least 3 strings, got {neg!r}")
+
+
+def make_example(row: dict, data_root: str | os.PathLike, seed: int = 0, epoch: int = 0,
+                 source: str = "?", shuffle_options: bool = True, validation: bool = False) -> dict:
+    """One annotation row -> {id, options, solution, prompt, video, image, level info}.
+
+    `source` names the file and line for error messages; `validation` says the row is from a
+    validation file (options choice_a..d, gold golden_choice_idx). `shuffle_options=False` lists a
+    training row's 4 options in alphabetical order instead of shuffling them (the toy's setting)."""
+    check_seed_row(row, source, validation)
     if validation:
         options = [row[f"choice_{k}"] for k in "abcd"]
         solution = row["golden_choice_idx"]
-        assert solution in LETTERS, f"{source}: sample_id={row['sample_id']}: golden_choice_idx={solution!r}"
     else:
-        assert len(row["negative_answers"]) >= 3, f"{source}: sample_id={row['sample_id']}: fewer than 3 negative_answers"
         rng = random.Random(f"{seed}/{epoch}/{row['sample_id']}")
         options = rng.sample(row["negative_answers"], 3) + [row["answer"]]
         if shuffle_options:
@@ -176,18 +246,22 @@ def make_example(row: dict, data_root: str | os.PathLike, seed: int = 0, epoch: 
 
 def make_video_r1_example(row: dict, data_root: str | os.PathLike, source: str = "?") -> dict:
     """One Video-R1 row -> the same example dict as `make_example`, with its own problem type."""
-    where = f"{source}: problem_id={row.get('problem_id', '?')}"
+    pid = f" (problem_id={row.get('problem_id', '?')})"
+    fail = lambda field, problem: DataError(f"{source}: {field}: {problem}{pid}")  # noqa: E731
     for field in VIDEO_R1_FIELDS:
         if field not in row:
-            raise DataError(f"{where}: missing field '{field}'")
+            raise fail(field, "missing field")
     kind, problem_type = row["data_type"], row["problem_type"]
     if kind not in ("image", "video"):
-        raise DataError(f"{where}: data_type {kind!r} is neither 'image' nor 'video'")
+        raise fail("data_type", f"{kind!r} is neither 'image' nor 'video'")
     if problem_type not in TYPE_INSTRUCTIONS:
-        raise DataError(f"{where}: problem_type {problem_type!r} is not one of {list(TYPE_INSTRUCTIONS)}")
+        raise fail("problem_type", f"{problem_type!r} is not one of {list(TYPE_INSTRUCTIONS)}")
+    for field in ("problem", "solution", "path"):
+        if not isinstance(row[field], str):
+            raise fail(field, f"expected a string, got {row[field]!r}")
     options = row.get("options") or []
     if problem_type == "multiple choice" and not options:
-        raise DataError(f"{where}: a multiple-choice row needs 'options'")
+        raise fail("options", "a multiple-choice row needs options")
     solution = parse_answer(row["solution"])
     solution = row["solution"].strip() if solution is None else solution
     media = str(Path(data_root) / row["path"].removeprefix("./"))  # the reference's path[2:]
@@ -205,11 +279,29 @@ def make_video_r1_example(row: dict, data_root: str | os.PathLike, source: str =
 
 def load_examples(path: str | os.PathLike, data_root: str | os.PathLike, seed: int = 0, epoch: int = 0,
                   shuffle_options: bool = True) -> list[dict]:
-    """Examples of a SEED-Bench-R1 or a Video-R1 file; the first row's keys tell which."""
-    rows = read_rows(path)
-    if rows and {"problem_id", "problem_type"} & rows[0].keys():
-        return [make_video_r1_example(r, data_root, source=f"{path}") for r in rows]
-    return [make_example(r, data_root, seed, epoch, f"{path}", shuffle_options) for r in rows]
+    """Examples of a SEED-Bench-R1 or a Video-R1 file; the first row's keys tell which, the file's
+    name whether SEED-Bench-R1 rows are validation rows (`split_of`). Every row is checked: the first
+    malformed one raises DataError naming file:line and field."""
+    rows = read_located_rows(path)
+    if rows and {"problem_id", "problem_type"} & rows[0][1].keys():
+        return [make_video_r1_example(r, data_root, source=where) for where, r in rows]
+    validation = split_of(path) == "validation"
+    return [make_example(r, data_root, seed, epoch, where, shuffle_options, validation) for where, r in rows]
+
+
+def check_media_dirs(examples: list[dict], source: str | os.PathLike) -> None:
+    """Raises DataError when a folder that media of `examples` live in is missing (a wrong --data_root,
+    no videos/): each sample would be skipped one by one, so the run is stopped before it starts."""
+    needed = {}
+    for ex in examples:
+        for path in (ex["video"], ex["image"]):
+            if path is not None:
+                needed.setdefault(os.path.dirname(path), 0)
+                needed[os.path.dirname(path)] += 1
+    for folder, n in needed.items():
+        if not os.path.isdir(folder):
+            raise DataError(f"{source}: {folder}: no such directory ({n} media files of this file are there; "
+                            "check --data_root)")
 
 
 def step_examples(load_epoch, seed: int, per_step: int, steps_per_epoch: int, rank: int, world: int):
@@ -248,7 +340,7 @@ def messages(example: dict, vision: VisionSpec) -> list[dict]:
 # ---------------------------------------------------------------------------------------------
 # media
 def load_media(example: dict, vision: VisionSpec):
-    """(images, videos, video_metadata) for one example. Raises OSError naming the file if unreadable.
+    """(images, videos, video_metadata) for one example. Raises MediaError naming the file at fault.
 
     qwen-vl-utils catches any decord error and retries with another reader, which either fails
     on an unrelated error (torchvision >= 0.25 has no read_video) or hands back what it managed
@@ -258,7 +350,9 @@ def load_media(example: dict, vision: VisionSpec):
 
     for path in (example["video"], example["image"]):
         if path is not None and not os.path.isfile(path):
-            raise OSError(f"{path}: file not found")
+            raise MediaError(path, "file not found")
+        if path is not None and os.path.getsize(path) == 0:
+            raise MediaError(path, "empty file (0 bytes)")
     log, caught = logging.getLogger("qwen_vl_utils.vision_process"), _Caught()
     log.addHandler(caught)
     try:
@@ -266,13 +360,28 @@ def load_media(example: dict, vision: VisionSpec):
             warnings.simplefilter("ignore")
             images, videos = process_vision_info(messages(example, vision), return_video_metadata=True)
     except Exception as e:  # noqa: BLE001 - PIL, decord and torchvision each raise their own types
-        raise OSError(f"{example['video'] or example['image']}: cannot decode ({caught.reason or e})") from None
+        culprit = example["image"] if example["video"] is None or not _image_readable(example["image"]) else example["video"]
+        raise MediaError(culprit, f"cannot decode ({caught.reason or e})") from None
     finally:
         log.removeHandler(caught)
     videos = videos or []  # (frames, metadata) pairs: transformers 5 derives the frame rate from metadata
     if any(m.get("video_backend") != "decord" for _, m in videos):
-        raise OSError(f"{example['video']}: cannot decode video with decord ({caught.reason})")
+        raise MediaError(example["video"], f"cannot decode video with decord ({caught.reason})")
     return images or [], [v for v, _ in videos], [m for _, m in videos]
+
+
+def _image_readable(path: str | None) -> bool:
+    """Whether PIL can decode the image at `path` (None: no image, nothing to blame)."""
+    if path is None:
+        return True
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+        return True
+    except Exception:  # noqa: BLE001 - PIL raises several types for a bad file
+        return False
 
 
 class _Caught(logging.Handler):
@@ -287,10 +396,12 @@ class _Caught(logging.Handler):
 
 
 class Collator:
-    """Examples -> left-padded processor inputs. Unreadable samples are skipped and counted."""
+    """Examples -> left-padded processor inputs. Unreadable samples are skipped and counted;
+    `failures` keeps (sample id, file, reason) of each, in order."""
 
     def __init__(self, processor, vision: VisionSpec | None = None):
         self.processor, self.vision, self.skipped = processor, vision or VisionSpec(), 0
+        self.failures: list[tuple] = []
         self.processor.tokenizer.padding_side = "left"  # generation appends on the right
 
     def __call__(self, examples: list[dict]):
@@ -300,6 +411,8 @@ class Collator:
                 im, vi, me = load_media(ex, self.vision)
             except Exception as e:  # noqa: BLE001 - any unreadable media is a skipped sample
                 self.skipped += 1
+                path, reason = (e.path, e.reason) if isinstance(e, MediaError) else (ex["video"] or ex["image"], repr(e))
+                self.failures.append((ex["id"], path, reason))
                 logging.getLogger("grpo_care").warning("skipping sample %s: %s", ex["id"], e)
                 continue
             kept.append(ex)

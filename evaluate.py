@@ -349,6 +349,13 @@ def read_predictions(path: Path) -> list[dict]:
     return records
 
 
+def id_order(example: dict) -> tuple:
+    """Sort key of a sample id: integers in numeric order, then strings. A file may mix them: EgoPlan-Bench2,
+    the source of L3, has ids like "ca6e9ec9-..._2", and sorting an int against a str raises TypeError."""
+    i = example["id"]
+    return (1, i) if isinstance(i, str) else (0, i)
+
+
 def key(level: str, example_or_record: dict) -> tuple:
     r = example_or_record
     return level, str(r["id"]), r.get("prompt_id") or prompt_id(r)
@@ -370,7 +377,7 @@ def decoding(level: str, max_new_tokens: int, video_r1_mmvu: bool = False) -> di
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("--model_path", required=True)
     p.add_argument("--data_root", required=True,
                    help="SEED-Bench-R1 root (annotations/, videos/, images/); with --benchmark the root of Evaluation/")
@@ -418,7 +425,7 @@ def main(argv=None):
     root = Path(a.data_root)
     files = ({b: root / "Evaluation" / f"eval_{b}.json" for b in a.benchmark} if a.benchmark else
              {lv: root / "annotations" / f"validation_{lv}.jsonl" for lv in a.levels})
-    selection = {name: sorted(load_examples(f, root), key=lambda e: e["id"])[:a.max_samples] for name, f in files.items()}
+    selection = {name: sorted(load_examples(f, root), key=id_order)[:a.max_samples] for name, f in files.items()}
     done = {key(r["level"], r) for r in read_predictions(pred_path) if not r["skipped"]}  # bad media: retried
     acc.wait_for_everyone()  # everyone has read the file before rank 0 rewrites it
     if acc.is_main_process:  # drop a line cut by an interruption, so appends start on a fresh line
@@ -457,4 +464,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from grpo_care import run_cli  # a bad data file: one line, no traceback
+
+    run_cli(main)

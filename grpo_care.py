@@ -30,6 +30,13 @@ Departures from the paper / reference code (TencentARC/GRPO-CARE), and why:
 - No length bonus, as the reference's SEED-Bench-R1 scripts (`--len_control false`; its grpo.py
   default adds +0.2 for accurate answers of 320-512 tokens).
 
+Before any model is loaded the run checks its flags (`validate_config`: each error names the flag and
+its range), every annotation row (data.py), its output dir (`check_output_dir`: a used one is refused
+unless resuming or `--overwrite_output_dir true`) and, on resume, the checkpoint's config
+(`compare_resume_config`). Unreadable samples are skipped and counted against `--max_skip_frac`
+(`skip_verdict`); the counts are carried through resume. As a command (`run_cli`), such user errors
+print one line and exit 2.
+
 Core math of the update, as pure functions (tensors in, tensors out, no model, no config):
 - `policy_loss`: the clipped GRPO surrogate with optional k3 KL. With `old_logps = logps.detach()`
   it is exactly the reference's loss. The reference clamps `ref - logp` to [-10, 10] inside the KL;
@@ -39,11 +46,14 @@ Core math of the update, as pure functions (tensors in, tensors out, no model, n
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -168,6 +178,8 @@ class Config(MediaSystemConfig):
     ref_ema_every: int = field(default=10, metadata={"help": "steps between EMA updates"})
     save_steps: int = field(default=500, metadata={"help": "checkpoint every N steps (and at the end)"})
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "checkpoint dir, or 'latest'"})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "start over in a used output_dir (deletes its run)"})
+    max_skip_frac: float = field(default=0.5, metadata={"help": "abort when more of a step's or the run's samples are unreadable (1: never)"})
     report_to: str = field(default="none", metadata={"help": "'tensorboard' to also write event files"})
     log_completions: bool = field(default=True, metadata={"help": "write every sampled completion and its rewards "
                                                                   "to completions.jsonl"})
@@ -185,15 +197,90 @@ TOY_DEFAULTS = dict(shuffle_options=False, max_new_tokens=48, prompts_per_device
 
 
 def parse_config(argv: list[str] | None = None) -> Config:
-    from transformers import HfArgumentParser
-
     argv = sys.argv[1:] if argv is None else argv
-    (cfg,) = HfArgumentParser(Config).parse_args_into_dataclasses(args=argv)
+    cfg = parse_flags(Config, argv)
     if cfg.toy is None:
         cfg.toy = not cfg.model_path
     if cfg.toy:
         apply_toy_defaults(cfg, argv, TOY_DEFAULTS)
+    validate_config(cfg, CONFIG_RULES)
     return cfg
+
+
+class ConfigError(ValueError):
+    """A flag is unknown, out of range, or would silently not apply on resume; the message names the flag."""
+
+
+class RunAborted(RuntimeError):
+    """The run stopped on purpose (too many unreadable samples, a full disk); the message says why and what next."""
+
+
+def parse_flags(cls, argv: list[str]):
+    """`cls` from `argv` by HfArgumentParser, with no flag abbreviations: `--num_generation 4` is an error."""
+    from transformers import HfArgumentParser
+
+    cfg, rest = HfArgumentParser(cls, allow_abbrev=False).parse_args_into_dataclasses(
+        args=argv, return_remaining_strings=True)
+    if rest:
+        raise ConfigError(f"unknown flag(s) {' '.join(rest)} (flags are not abbreviated; see --help)")
+    return cfg
+
+
+def _between(lo, hi, lo_open=False, hi_open=False):
+    """A (text, test) rule for a number in [lo, hi], ends open as told; NaN always fails."""
+    text = f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+    return text, lambda v: (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)
+
+
+_INT_GE = lambda n: (f"an integer >= {n}", lambda v: v >= n)  # noqa: E731
+_POSITIVE = ("> 0", lambda v: 0 < v < math.inf)
+_NONNEG = (">= 0", lambda v: 0 <= v < math.inf)
+MEDIA_RULES = {  # flag -> (allowed values, test); the media and system fields of both configs
+    "video_fps": _POSITIVE, "video_min_frames": _INT_GE(1), "video_max_frames": _INT_GE(1),
+    "video_max_pixels": _INT_GE(1), "video_min_pixels": _INT_GE(1), "image_max_pixels": _INT_GE(1),
+    "image_min_pixels": _INT_GE(1),
+    "attn_implementation": ("None, eager, sdpa or flash_attention_2", lambda v: v in (None, "eager", "sdpa", "flash_attention_2")),
+}
+CONFIG_RULES = {
+    **MEDIA_RULES,
+    "num_generations": ("an integer >= 2 (a group of 1 has no relative advantage)", lambda v: v >= 2),
+    "prompts_per_device": _INT_GE(1), "max_new_tokens": _INT_GE(1), "temperature": _POSITIVE,
+    "top_p": _between(0, 1, lo_open=True), "logprob_chunk": _INT_GE(1), "learning_rate": _NONNEG,
+    "warmup_ratio": _between(0, 1), "weight_decay": _NONNEG, "max_grad_norm": _POSITIVE,
+    "num_iterations": _INT_GE(1), "clip_eps": _POSITIVE, "beta": _NONNEG, "num_epochs": _INT_GE(1),
+    "max_steps": ("-1 or an integer >= 1", lambda v: v == -1 or v >= 1), "bonus_coefficient": _NONNEG,
+    "confidence_upper_bound": _between(0, 1, lo_open=True), "consistency_margin": _between(0, 1),
+    "ref_ema_decay": _between(0, 1), "ref_ema_every": _INT_GE(1), "save_steps": _INT_GE(1),
+    "max_skip_frac": _between(0, 1), "report_to": ("none or tensorboard", lambda v: v in ("none", "tensorboard")),
+}
+
+
+def validate_config(cfg, rules: dict) -> None:
+    """Raises ConfigError "--flag value: must be <allowed>" for the first flag out of range, and for paths
+    that cannot work. Runs before any model is loaded."""
+    for flag, (allowed, ok) in rules.items():
+        value = getattr(cfg, flag)
+        if not ok(value):
+            raise ConfigError(f"--{flag} {value!r}: must be {allowed}")
+    for kind in ("video", "image"):
+        lo, hi = getattr(cfg, f"{kind}_min_pixels"), getattr(cfg, f"{kind}_max_pixels")
+        if lo > hi:
+            raise ConfigError(f"--{kind}_min_pixels {lo} must be <= --{kind}_max_pixels {hi}")
+    if cfg.video_min_frames > cfg.video_max_frames:
+        raise ConfigError(f"--video_min_frames {cfg.video_min_frames} must be <= --video_max_frames {cfg.video_max_frames}")
+    if cfg.model_path:
+        if not os.path.isdir(cfg.model_path) and not _HUB_ID.fullmatch(cfg.model_path):
+            raise ConfigError(f"--model_path {cfg.model_path}: no such directory (nor a hub id 'org/name')")
+        if not cfg.data_root:
+            raise ConfigError("--data_root is required with --model_path (the SEED-Bench-R1 directory)")
+    if cfg.data_root and not os.path.isdir(cfg.data_root):
+        raise ConfigError(f"--data_root {cfg.data_root}: no such directory")
+    if getattr(cfg, "resume_from_checkpoint", None) and getattr(cfg, "overwrite_output_dir", False):
+        raise ConfigError("--resume_from_checkpoint continues the run in --output_dir, --overwrite_output_dir true "
+                          "deletes it: pass one of the two")
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 def apply_toy_defaults(cfg, argv: list[str], defaults: dict) -> None:
@@ -306,8 +393,10 @@ def rank0_print(*args):
 # --- checkpoints: policy as save_pretrained, training state via torch.distributed.checkpoint ---
 
 
-def save_checkpoint(out: Path, step: int, policy, ref, optimizer, scheduler, processor, cfg: Config) -> Path:
-    """Writes `checkpoint-<step>` under a temporary name and renames it when complete."""
+def save_checkpoint(out: Path, step: int, policy, ref, optimizer, scheduler, processor, cfg: Config,
+                    counters: dict | None = None) -> Path:
+    """Writes `checkpoint-<step>` under a temporary name and renames it when complete. `counters`
+    (the run's skipped samples, non-finite steps) go into trainer_state.json for a resumed run."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
@@ -330,7 +419,7 @@ def save_checkpoint(out: Path, step: int, policy, ref, optimizer, scheduler, pro
         policy.save_pretrained(tmp, state_dict=full)  # loadable by plain transformers
         processor.save_pretrained(tmp)
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "config": asdict(cfg)}, indent=1))
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "config": asdict(cfg), "counters": counters or {}}, indent=1))
     dist.barrier()
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
@@ -394,10 +483,194 @@ def completion_records(step: int, sample_id, texts: list[str], acc, fmt, conf, b
             for g, text in enumerate(texts)]
 
 
-def keep_steps_up_to(path: Path, step: int) -> None:
-    """Keeps the lines of a per-step JSON-lines file with `step` <= step: a resumed run rewrites the rest."""
-    kept = [l for l in path.read_text().splitlines() if json.loads(l)["step"] <= step] if path.exists() else []
-    path.write_text("".join(l + "\n" for l in kept))
+# --- the run directory: never clobber a run, compare configs on resume, count lost samples ---
+
+RUN_FILES = ("metrics.jsonl", "completions.jsonl", "curves.png", "tensorboard")  # with checkpoint-*: a run's own
+
+
+def check_output_dir(out: Path, resuming: bool, overwrite: bool, files=RUN_FILES) -> list[Path]:
+    """The run files (`files`, checkpoint-*) already in `out`, to delete. A used dir is refused unless the
+    run resumes (it then owns them: nothing to delete) or `overwrite`. Read-only: every rank may call it."""
+    used = sorted(out.glob("checkpoint-*")) + [out / f for f in files if (out / f).exists()]
+    if used and not resuming and not overwrite:
+        names = ", ".join(p.name for p in used[:4]) + (", ..." if len(used) > 4 else "")
+        raise ConfigError(f"--output_dir {out} holds a run ({names}): pass --resume_from_checkpoint latest to "
+                          "continue it, or --overwrite_output_dir true to delete it and start over")
+    return used if not resuming else []
+
+
+def remove_run(paths: list[Path]) -> None:
+    for p in paths:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def truncate_history(path: Path, step: int) -> None:
+    """Keeps the lines of a per-step .jsonl with "step" <= `step` (the steps a resumed run does not redo).
+    A line cut by a crash (not JSON) is dropped."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            pass
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def find_resume_checkpoint(out: Path, resume: str) -> Path:
+    ckpt = latest_checkpoint(out) if resume == "latest" else Path(resume)
+    if ckpt is None or not (ckpt / "trainer_state.json").exists():
+        where = f"no checkpoint in {out}" if resume == "latest" else f"{resume} is not a checkpoint (no trainer_state.json)"
+        raise ConfigError(f"--resume_from_checkpoint {resume}: {where}")
+    return ckpt
+
+
+# Flags whose change a resume would silently drop: the checkpoint's optimizer and schedule restore their own
+# learning rate and weight decay, its weights replace model_path's, and it holds a reference model or not.
+RESUME_REFUSED = {
+    "learning_rate": "the optimizer and the schedule restore the checkpoint's",
+    "weight_decay": "the optimizer restores the checkpoint's",
+    "model_path": "the weights come from the checkpoint",
+    "reference model (use_care or beta > 0)": "the checkpoint holds a reference model or not",
+}
+RESUME_IGNORED = ("output_dir", "resume_from_checkpoint", "overwrite_output_dir")
+
+
+def compare_resume_config(saved: dict, new: dict) -> tuple[list[str], list[str]]:
+    """(refused, applied): "flag: old -> new" for each difference between a checkpoint's config and this
+    run's. Refused ones would silently not apply (RESUME_REFUSED); the others apply from the resumed step.
+    Fields absent from `saved` (older checkpoints) are not compared."""
+    def ref(c):
+        return bool(c.get("use_care")) or (c.get("beta") or 0) > 0
+
+    def same(k, a, b):
+        if k == "model_path" and a and b and os.path.exists(a) and os.path.exists(b):
+            return os.path.realpath(a) == os.path.realpath(b)
+        return a == b
+
+    refused, applied = [], []
+    for k in new:
+        if k in saved and k not in RESUME_IGNORED and not same(k, saved[k], new[k]):
+            (refused if k in RESUME_REFUSED else applied).append(f"{k}: {saved[k]!r} -> {new[k]!r}")
+    if {"use_care", "beta"} <= saved.keys() and ref(saved) != ref(new):
+        refused.append(f"reference model (use_care or beta > 0): {ref(saved)} -> {ref(new)}")
+    return refused, applied
+
+
+def check_resume(saved: dict, new: dict, ckpt: Path) -> list[str]:
+    """Raises ConfigError listing the refused differences (with the reason); returns the applied ones."""
+    refused, applied = compare_resume_config(saved, new)
+    if refused:
+        why = "; ".join(f"{r} ({RESUME_REFUSED[r.split(':')[0]]})" for r in refused)
+        raise ConfigError(f"resuming {ckpt} with changed flags that would not apply: {why}. Resume with the "
+                          "checkpoint's values, or start a new run in another --output_dir")
+    return applied
+
+
+MIN_JUDGED = 4  # samples before a step's or the run's skipped fraction is judged: one bad file of 1 is not a trend
+
+
+def skip_verdict(step_skipped: int, step_seen: int, run_skipped: int, run_seen: int, max_frac: float,
+                 last_step: bool = False) -> str | None:
+    """Why the run must stop, or None: more than `max_frac` of the step's or of the run's samples are
+    unreadable, each judged from MIN_JUDGED samples on; at the last step the run is judged whatever
+    its size, so that no run ends "done" after losing its data."""
+    if step_seen >= MIN_JUDGED and step_skipped > max_frac * step_seen:
+        return f"{step_skipped} of this step's {step_seen} samples are unreadable (more than --max_skip_frac {max_frac})"
+    if run_seen >= (1 if last_step else MIN_JUDGED) and run_skipped > max_frac * run_seen:
+        return f"{run_skipped} of the run's {run_seen} samples are unreadable (more than --max_skip_frac {max_frac})"
+    return None
+
+
+@dataclass
+class SkipLog:
+    """The run's unreadable samples: totals, counts per reason, the first few files. Saved in every
+    checkpoint's trainer_state.json, so a resumed run carries them on."""
+    skipped: int = 0
+    seen: int = 0
+    reasons: dict = field(default_factory=dict)  # reason -> count
+    first: list = field(default_factory=list)  # the first few "file: reason"
+
+    def add(self, n_seen: int, failures: list[tuple]) -> None:
+        self.seen += n_seen
+        self.skipped += len(failures)
+        for _, path, reason in failures:
+            kind = reason.split(" (")[0]
+            self.reasons[kind] = self.reasons.get(kind, 0) + 1
+            if len(self.first) < 5:
+                self.first.append(f"{path}: {reason}")
+
+    def summary(self) -> str:
+        if not self.skipped:
+            return f"no sample skipped ({self.seen} read)"
+        reasons = ", ".join(f"{n} {k}" for k, n in sorted(self.reasons.items(), key=lambda kv: -kv[1]))
+        return f"skipped {self.skipped} of {self.seen} samples ({reasons}); first: " + "; ".join(self.first)
+
+
+def gather_failures(failures: list[tuple], n_seen: int, device) -> tuple[int, list[tuple]]:
+    """(samples seen, failures) of one step over all processes. A collective: every rank calls it."""
+    import torch.distributed as dist
+
+    counts = torch.tensor([n_seen, len(failures)], device=device)
+    dist.all_reduce(counts)
+    if dist.get_world_size() == 1 or counts[1].item() == 0:  # the object gather only when a rank skipped
+        return int(counts[0]), list(failures)
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, list(failures))
+    return int(counts[0]), [f for fs in everyone for f in fs]
+
+
+def check_skip_budget(skips: SkipLog, failures: list[tuple], n_seen: int, max_frac: float, last_step: bool,
+                      device) -> None:
+    """Adds one step's unreadable samples (all processes) to `skips`; raises RunAborted with the run's
+    summary when the budget is spent. Every rank calls it and every rank decides alike."""
+    n_seen, failures = gather_failures(failures, n_seen, device)
+    skips.add(n_seen, failures)
+    verdict = skip_verdict(len(failures), n_seen, skips.skipped, skips.seen, max_frac, last_step)
+    if verdict:
+        raise RunAborted(f"{verdict}; {skips.summary()}. Check --data_root (videos/, images/) and the files "
+                         "named, then rerun (--resume_from_checkpoint latest keeps the steps done), or pass "
+                         "--max_skip_frac 1 to train on the readable samples only")
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """ENOSPC anywhere in the exception chain; torch.save on a full disk says only "unexpected pos"."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return True
+        text = str(e)
+        if "No space left on device" in text or "unexpected pos" in text:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+@contextlib.contextmanager
+def disk_full_is_an_error(ckpt: Path):
+    """Around a checkpoint save: a full disk becomes one clear RunAborted naming the checkpoint, and the
+    half-written `<ckpt>.tmp` is removed (the previous checkpoint is whole: the save renames last)."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - re-raised unless the disk is full
+        if not is_disk_full(e):
+            raise
+        shutil.rmtree(f"{ckpt}.tmp", ignore_errors=True)
+        raise RunAborted(f"{ckpt}: no space left on device while saving (the earlier checkpoints are intact); "
+                         "free space, then resume with --resume_from_checkpoint latest") from e
+
+
+def run_cli(main) -> None:
+    """`main()` as a command: a user error (a flag, a data file, lost samples, a full disk) is one line
+    "error: ..." on stderr and exit status 2, without a traceback; a bug still raises with one."""
+    from data import DataError
+
+    try:
+        main()
+    except (ConfigError, DataError, RunAborted) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 def sample_seed(seed: int, step: int, sample_id) -> int:
@@ -414,7 +687,7 @@ def main(argv: list[str] | None = None):
     from transformers import AutoProcessor, get_cosine_schedule_with_warmup
 
     import rollout
-    from data import Collator, load_examples, step_examples
+    from data import Collator, check_media_dirs, load_examples, step_examples
     from rewards import (accuracy_reward, answer_confidence, bonus_selective, consistency_bonus, format_reward,
                          group_advantages, total_reward)
 
@@ -422,6 +695,31 @@ def main(argv: list[str] | None = None):
     device = setup_distributed().device
     rank, world = dist.get_rank(), dist.get_world_size()
     out = resolve_run(cfg, device)
+
+    # --- before any model is loaded: every annotation row checked, the output dir and the resume point ---
+    train_path = Path(cfg.data_root) / cfg.train_file
+    examples = load_examples(train_path, cfg.data_root)  # a malformed row: DataError naming file:line, field
+    check_media_dirs(examples, train_path)
+    n_rows = len(examples)
+    prompts_per_step = cfg.prompts_per_device * world
+    steps_per_epoch = n_rows // prompts_per_step
+    if steps_per_epoch == 0:
+        raise ConfigError(f"--prompts_per_device {cfg.prompts_per_device} x {world} process(es) = {prompts_per_step} "
+                          f"prompts per step, more than the {n_rows} rows of {train_path}")
+    total_steps = steps_per_epoch * cfg.num_epochs
+    if cfg.max_steps > 0:
+        total_steps = min(total_steps, cfg.max_steps)
+    ckpt = find_resume_checkpoint(out, cfg.resume_from_checkpoint) if cfg.resume_from_checkpoint else None
+    saved = json.loads((ckpt / "trainer_state.json").read_text()) if ckpt else {}
+    for change in check_resume(saved["config"], asdict(cfg), ckpt) if ckpt else []:
+        rank0_print(f"resume: {change} (applies from step {saved['step'] + 1})")
+    if saved.get("step", 0) > total_steps:
+        raise ConfigError(f"--resume_from_checkpoint {ckpt} is at step {saved['step']}, past this run's {total_steps} steps")
+    stale = check_output_dir(out, ckpt is not None, cfg.overwrite_output_dir)
+    if stale and rank == 0:
+        remove_run(stale)
+        rank0_print(f"--overwrite_output_dir: deleted the previous run in {out} ({len(stale)} entries)")
+    dist.barrier()
 
     # --- models: policy, and the EMA reference (CARE) or a frozen one (beta > 0) ---
     processor = AutoProcessor.from_pretrained(cfg.model_path)
@@ -433,14 +731,6 @@ def main(argv: list[str] | None = None):
 
     # --- data: a fixed order per epoch; step s takes prompts [s*B, (s+1)*B) of it, this rank every world-th ---
     vision = cfg.vision_spec()
-    train_path = Path(cfg.data_root) / cfg.train_file
-    n_rows = len(load_examples(train_path, cfg.data_root))
-    prompts_per_step = cfg.prompts_per_device * world
-    steps_per_epoch = n_rows // prompts_per_step
-    assert steps_per_epoch > 0, f"{train_path}: {n_rows} rows < {prompts_per_step} prompts per step"
-    total_steps = steps_per_epoch * cfg.num_epochs
-    if cfg.max_steps > 0:
-        total_steps = min(total_steps, cfg.max_steps)
     collate = Collator(processor, vision)
 
     prompts_for = step_examples(  # options reshuffled per epoch, order seeded per epoch
@@ -451,15 +741,13 @@ def main(argv: list[str] | None = None):
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
     start = 0
-    if cfg.resume_from_checkpoint:
-        ckpt = latest_checkpoint(out) if cfg.resume_from_checkpoint == "latest" else Path(cfg.resume_from_checkpoint)
-        assert ckpt is not None and ckpt.exists(), f"no checkpoint to resume from: {cfg.resume_from_checkpoint}"
+    if ckpt is not None:
         start = load_checkpoint(ckpt, policy, ref, optimizer, scheduler)
         rank0_print(f"resumed from {ckpt} at step {start}")
     metrics_file, completions_file = out / "metrics.jsonl", out / "completions.jsonl"
-    if rank == 0:  # a resumed run rewrites the lines of the steps it will redo
+    if rank == 0:  # a resumed run rewrites the lines of the steps it will redo (a new run has no file)
         for f in (metrics_file, completions_file):
-            keep_steps_up_to(f, start)
+            truncate_history(f, start)
     writer = None
     if cfg.report_to == "tensorboard" and rank == 0:
         from torch.utils.tensorboard import SummaryWriter
@@ -468,13 +756,17 @@ def main(argv: list[str] | None = None):
     rank0_print(f"GRPO-CARE: {total_steps} steps, {world} process(es) x {cfg.prompts_per_device} prompt(s) x "
                 f"G={cfg.num_generations}, care={cfg.use_care}, device={device}")
     bar = tqdm(range(start, total_steps), initial=start, total=total_steps, disable=rank != 0, desc="grpo-care")
-    nonfinite_steps = 0
+    counters = saved.get("counters", {})  # carried through resume, like the weights
+    skips, nonfinite_steps = SkipLog(**counters.get("skips", {})), counters.get("nonfinite_steps", 0)
 
     for step in bar:
         # --- rollouts: G samples per prompt, vision encoded once per prompt ---
         t0 = time.perf_counter()
         policy.eval()
+        fail_mark = len(collate.failures)
         batches = [(ex, batch) for ex in prompts_for(step) for batch, _ in [collate([ex])] if batch is not None]
+        check_skip_budget(skips, collate.failures[fail_mark:], len(prompts_for(step)), cfg.max_skip_frac,
+                          step + 1 == total_steps, device)
         # FSDP2 needs every rank to run the same passes: after unreadable samples were skipped, all ranks
         # take as many prompts as the rank with the fewest (a step may thus train on fewer prompts)
         n_common = torch.tensor(len(batches), device=device)
@@ -561,7 +853,7 @@ def main(argv: list[str] | None = None):
             cat["reward"].numel(), cat["reward"].sum(), (cat["reward"] ** 2).sum(), cat["acc"].sum(), cat["fmt"].sum(),
             cat["bonus"].sum(), (cat["bonus"] > 0).sum(), cat["conf"].sum(), len(groups),
             (cat["acc"] >= 1).all(-1).sum(), (cat["acc"] <= 0).all(-1).sum(), lens.sum(), trunc.sum(),
-            clip_sum * len(groups), sum(ro.vision_calls for *_, ro in groups), collate.skipped,
+            clip_sum * len(groups), sum(ro.vision_calls for *_, ro in groups), len(collate.failures) - fail_mark,
             t_gen, t_ref, t_upd, loss_sum * len(groups), selective.sum(), eligible.sum()],
             dtype=torch.float64, device=device)
         maxlen = torch.tensor([lens.max().item() if lens.numel() else 0.0], device=device)
@@ -577,7 +869,7 @@ def main(argv: list[str] | None = None):
                  grad_norm=grad_norm.item(), lr=scheduler.get_last_lr()[0],
                  t_generation=tg / world, t_reference=tf / world, t_update=tu / world,
                  gen_tokens_per_s=ln / max(tg / world, 1e-9), vision_calls=vc, skipped=sk,
-                 nonfinite_steps=nonfinite_steps)
+                 skipped_total=skips.skipped, nonfinite_steps=nonfinite_steps)
         gathered = [None] * world if rank == 0 else None
         if cfg.log_completions:
             dist.gather_object(completions, gathered, dst=0)
@@ -594,8 +886,11 @@ def main(argv: list[str] | None = None):
 
         # --- checkpoint ---
         if (step + 1) % cfg.save_steps == 0 or step + 1 == total_steps:
-            save_checkpoint(out, step + 1, policy, ref, optimizer, scheduler, processor, cfg)
+            with disk_full_is_an_error(out / f"checkpoint-{step + 1}"):
+                save_checkpoint(out, step + 1, policy, ref, optimizer, scheduler, processor, cfg,
+                                counters=dict(skips=asdict(skips), nonfinite_steps=nonfinite_steps))
 
+    rank0_print(skips.summary())
     if rank == 0 and metrics_file.exists() and metrics_file.stat().st_size:
         plot_metrics(metrics_file, out / "curves.png")
         rank0_print(f"done: {out}/checkpoint-{total_steps}, metrics in {metrics_file}, curves in {out}/curves.png")
@@ -604,4 +899,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -18,6 +18,8 @@ Departures, and why:
   hold no video would make one call fewer than the others and abort the run (gloo: "collective mismatch").
 - Each rank averages over its own target tokens and FSDP averages the ranks (mean of per-rank means).
 - No intermediate checkpoints or resume: SFT here is one short pass.
+- A row with no reasoning (empty `cot`, or Video-R1's `process`) is skipped and reported, not fatal;
+  a used --output_dir is refused unless --overwrite_output_dir true.
 """
 from __future__ import annotations
 
@@ -79,6 +81,10 @@ class SFTConfig(MediaSystemConfig):
     prompts_per_device: int = field(default=1, metadata={"help": "rows per process per step"})
     num_epochs: int = field(default=1, metadata={"help": "passes over the training file"})
     max_steps: int = field(default=-1, metadata={"help": "stop after this many steps (-1: the epochs decide)"})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "replace the model already in output_dir"})
+
+
+SFT_FILES = ("metrics.jsonl", "config.json", "model.safetensors", "model.safetensors.index.json")  # a finished SFT
 
 
 # The toy warm start, applied when --model_path is empty to every field not given on the command line:
@@ -88,15 +94,34 @@ TOY_DEFAULTS = dict(shuffle_options=False, learning_rate=3e-3, prompts_per_devic
 
 
 def parse_config(argv: list[str] | None = None) -> SFTConfig:
-    from transformers import HfArgumentParser
-
-    from grpo_care import apply_toy_defaults
+    from grpo_care import CONFIG_RULES, MEDIA_RULES, apply_toy_defaults, parse_flags, validate_config
 
     argv = sys.argv[1:] if argv is None else argv
-    (cfg,) = HfArgumentParser(SFTConfig).parse_args_into_dataclasses(args=argv)
+    cfg = parse_flags(SFTConfig, argv)
     if not cfg.model_path:
         apply_toy_defaults(cfg, argv, TOY_DEFAULTS)
+    validate_config(cfg, {**MEDIA_RULES, **{k: CONFIG_RULES[k] for k in (
+        "learning_rate", "warmup_ratio", "weight_decay", "max_grad_norm", "prompts_per_device", "num_epochs", "max_steps")}})
     return cfg
+
+
+def rows_with_reasoning(train_path: Path, data_root, seed: int, shuffle_options: bool):
+    """(rows, keep): every row of `train_path` checked (DataError names file:line), and whether each has a
+    reasoning to imitate. A row with an empty `cot` (Video-R1: `process`) is skipped and reported, not fatal."""
+    from data import DataError, check_media_dirs, load_examples, read_located_rows
+    from grpo_care import rank0_print
+
+    located = read_located_rows(train_path)
+    examples = load_examples(train_path, data_root, seed, 0, shuffle_options)
+    keep = [bool(ex["cot"]) for ex in examples]
+    missing = [where for (where, _), k in zip(located, keep) if not k]
+    if len(missing) == len(keep):
+        raise DataError(f"{train_path}: no row has a reasoning ('cot', or Video-R1's 'process') to imitate")
+    check_media_dirs([ex for ex, k in zip(examples, keep) if k], train_path)
+    if missing:
+        rank0_print(f"skipping {len(missing)} of {len(keep)} rows with no reasoning ('cot'/'process' empty or "
+                    f"absent): {', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}")
+    return [r for _, r in located], keep
 
 
 def main(argv: list[str] | None = None):
@@ -105,8 +130,9 @@ def main(argv: list[str] | None = None):
     from tqdm import tqdm
     from transformers import AutoProcessor, get_cosine_schedule_with_warmup
 
-    from data import Collator, load_examples, read_rows, step_examples
-    from grpo_care import load_model, rank0_print, resolve_run, setup_distributed
+    from data import Collator, load_examples, step_examples
+    from grpo_care import (ConfigError, RunAborted, check_output_dir, load_model, rank0_print, remove_run,
+                           resolve_run, setup_distributed)
     from rollout import encode_vision
 
     cfg = parse_config(argv)
@@ -114,23 +140,29 @@ def main(argv: list[str] | None = None):
     rank, world = dist.get_rank(), dist.get_world_size()
     out = resolve_run(cfg, device)
 
+    # before any model is loaded: every row checked, the output dir
+    train_path = Path(cfg.data_root) / cfg.train_file
+    rows, keep = rows_with_reasoning(train_path, cfg.data_root, cfg.seed, cfg.shuffle_options)
+    per_step = cfg.prompts_per_device * world
+    steps_per_epoch = sum(keep) // per_step
+    if steps_per_epoch == 0:
+        raise ConfigError(f"--prompts_per_device {cfg.prompts_per_device} x {world} process(es) = {per_step} rows "
+                          f"per step, more than the {sum(keep)} usable rows of {train_path}")
+    total = steps_per_epoch * cfg.num_epochs if cfg.max_steps <= 0 else min(cfg.max_steps, steps_per_epoch * cfg.num_epochs)
+    stale = check_output_dir(out, False, cfg.overwrite_output_dir, files=SFT_FILES)
+    if stale and rank == 0:
+        remove_run(stale)
+    dist.barrier()
+
     processor = AutoProcessor.from_pretrained(cfg.model_path)
     tok = processor.tokenizer
     model = load_model(cfg.model_path, cfg, device, trainable=True)
     model.train()
     collate = Collator(processor, cfg.vision_spec())
-    train_path = Path(cfg.data_root) / cfg.train_file
-    rows = read_rows(train_path)
-    per_step = cfg.prompts_per_device * world
-    steps_per_epoch = len(rows) // per_step
-    assert steps_per_epoch > 0, f"{train_path}: {len(rows)} rows < {per_step} rows per step"
-    total = steps_per_epoch * cfg.num_epochs if cfg.max_steps <= 0 else min(cfg.max_steps, steps_per_epoch * cfg.num_epochs)
 
     def load_epoch(epoch: int) -> list[dict]:  # grpo_care's options and order: independent of the process count
-        exs = [dict(ex, cot_answer=r.get("cot_answer"))
-               for ex, r in zip(load_examples(train_path, cfg.data_root, cfg.seed, epoch, cfg.shuffle_options), rows)]
-        assert all(ex["cot"] for ex in exs), f"{train_path}: every row needs a 'cot' (the reasoning to imitate)"
-        return exs
+        exs = load_examples(train_path, cfg.data_root, cfg.seed, epoch, cfg.shuffle_options)
+        return [dict(ex, cot_answer=r.get("cot_answer")) for ex, r, k in zip(exs, rows, keep) if k]
 
     examples_for = step_examples(load_epoch, cfg.seed, per_step, steps_per_epoch, rank, world)
 
@@ -143,7 +175,9 @@ def main(argv: list[str] | None = None):
         batch, kept = collate(examples_for(step))
         weight = 1.0
         if batch is None:  # every row unreadable: repeat the last batch at weight 0 so the ranks' collectives match
-            assert last is not None, "the first batch of this rank is unreadable"
+            if last is None:
+                raise RunAborted(f"every sample of this process's first step is unreadable: "
+                                 f"{'; '.join(f'{p}: {r}' for _, p, r in collate.failures[:3])}")
             (batch, kept), weight = last, 0.0
         last = (batch, kept)
         targets = [tok(sft_response(ex) + tok.eos_token, add_special_tokens=False).input_ids for ex in kept]
@@ -173,10 +207,13 @@ def main(argv: list[str] | None = None):
         model.save_pretrained(out, state_dict=full)  # loadable by plain transformers
         processor.save_pretrained(out)
         log.close()
+        rank0_print(f"skipped {collate.skipped} unreadable sample(s) and {keep.count(False)} row(s) without reasoning")
         rank0_print(f"done: {out} (loss {m['loss']:.3f}), metrics in {out / 'metrics.jsonl'}")
     dist.barrier()
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main()
+    from grpo_care import run_cli
+
+    run_cli(main)

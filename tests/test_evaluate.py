@@ -329,3 +329,19 @@ def test_toy_flaw_class_breakdown():
     assert s["clean"]["n"] == 1 and s["clean"]["right_reasoning_right_answer"] == 100.0
     md = ev.markdown(ev.summarize(records), "m")
     assert "| L1 | orange | 5 | 60.0 | 40.0 | 20.0 | 20.0 | 40.0 | 20.0 |" in md
+
+
+def test_a_level_mixing_int_and_string_ids_is_evaluated(toy_world, tmp_path):
+    # EgoPlan-Bench2 (L3's source) ids are strings like "ca6e9ec9-..._2"; before, sorting raised TypeError
+    data = shutil.copytree(toy_world / "data", tmp_path / "data")
+    f = data / "annotations/validation_L3.jsonl"
+    rows = [json.loads(line) for line in f.read_text().splitlines()]
+    rows = [dict(r, sample_id=f"ca6e9ec9-{r['sample_id']}_2") if i % 2 else r for i, r in enumerate(rows)]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [ev.id_order({"id": i}) for i in (10, 2, "b", "a")] == [(0, 10), (0, 2), (1, "b"), (1, "a")]
+    assert sorted([10, "b", 2, "a"], key=lambda i: ev.id_order({"id": i})) == [2, 10, "a", "b"]
+    results = ev.main(_args(toy_world, data, tmp_path / "out", n=2) + ["--levels", "L3", "--max_new_tokens", "2"])
+    ints = sorted(r["sample_id"] for r in rows if isinstance(r["sample_id"], int))
+    lines = [json.loads(x) for x in (tmp_path / "out/predictions.jsonl").read_text().splitlines()]
+    assert sorted(r["id"] for r in lines) == ints[:2], "--max_samples takes the first ids: integers first"
+    assert results["levels"]["L3"]["n"] + results["levels"]["L3"]["skipped"] == 2

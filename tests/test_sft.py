@@ -73,13 +73,21 @@ def test_one_vision_call_gives_the_same_logits(toy_world, toy_model, toy_vision)
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
 
 
-def test_sft_learns_and_saves_a_plain_transformers_model(toy_world, tmp_path):
+def test_sft_learns_and_saves_a_plain_transformers_model(toy_world, tmp_path, capsys):
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
     out = tmp_path / "sft"
     vision = [f"--{k}={v}" for k, v in toy.TOY_VISION.items()]
+    # line 4 has no reasoning: skipped and reported (before: the run stopped at an assert)
+    lines = (toy_world / "data/annotations/training_with_cot_6k.jsonl").read_text().splitlines()
+    lines[3] = json.dumps(dict(json.loads(lines[3]), cot=""))
+    (tmp_path / "cot.jsonl").write_text("\n".join(lines) + "\n")
     sft.main(["--model_path", str(toy_world / "model"), "--data_root", str(toy_world / "data"), "--output_dir", str(out),
+              "--train_file", str(tmp_path / "cot.jsonl"), "--num_epochs", "2",  # 31 rows: 7 steps an epoch
               "--max_steps", "8", "--prompts_per_device", "4", "--learning_rate", "3e-3", "--warmup_ratio", "0", *vision])
+    printed = capsys.readouterr().out
+    assert f"skipping 1 of {len(lines)} rows with no reasoning" in printed and "cot.jsonl:4" in printed
+    assert "and 1 row(s) without reasoning" in printed
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 8
     # from ~ln(704) = 6.56 (uniform over the vocabulary) the shared words of the CoT are learned first
@@ -131,3 +139,38 @@ def test_toy_cot_flaws_come_in_the_configured_fractions(toy_world, tmp_path):
     toy.build_data(tmp_path, seed=0, n_train=32, n_val=1, misread=1.0, inconsistent=0.0, lucky=0.0)
     flaws = [r["cot_flaw"] for r in read_jsonl(tmp_path / "annotations/training_with_cot_6k.jsonl")]
     assert flaws.count("misread") == 9 and flaws.count("inconsistent") == 0 and flaws.count(None) == 23
+
+
+def test_video_r1_rows_without_process_are_skipped_not_fatal(tmp_path, monkeypatch):
+    import grpo_care
+    from data import DataError
+
+    printed = []
+    monkeypatch.setattr(grpo_care, "rank0_print", printed.append)
+    row = dict(problem_id=1, problem="Which?", data_type="image", problem_type="multiple choice",
+               options=["A. red", "B. blue"], process="<think>I see red.</think>", solution="<answer>A</answer>",
+               path="./img/a.png")
+    (tmp_path / "img").mkdir()
+    f = tmp_path / "train.json"
+    f.write_text(json.dumps([row, dict(row, problem_id=2, process=""), dict(row, problem_id=3, process="<think></think>")]))
+    rows, keep = sft.rows_with_reasoning(f, tmp_path, seed=0, shuffle_options=True)
+    assert keep == [True, False, False] and len(rows) == 3
+    assert printed == [f"skipping 2 of 3 rows with no reasoning ('cot'/'process' empty or absent): {f}:1[#1], {f}:1[#2]"]
+    f.write_text(json.dumps([dict(row, process="")]))
+    with pytest.raises(DataError, match="no row has a reasoning"):
+        sft.rows_with_reasoning(f, tmp_path, seed=0, shuffle_options=True)
+
+
+def test_sft_refuses_a_used_output_dir_and_bad_flags(tmp_path):
+    from grpo_care import ConfigError
+
+    with pytest.raises(ConfigError, match=r"--learning_rate -1.0: must be >= 0"):
+        sft.parse_config(["--learning_rate", "-1"])
+    with pytest.raises(ConfigError, match=r"unknown flag\(s\) --learning 1"):
+        sft.parse_config(["--learning", "1"])
+    (tmp_path / "config.json").write_text("{}")
+    import grpo_care
+
+    with pytest.raises(ConfigError, match=r"holds a run \(config.json\).*--overwrite_output_dir true"):
+        grpo_care.check_output_dir(tmp_path, False, False, files=sft.SFT_FILES)
+    assert grpo_care.check_output_dir(tmp_path, False, True, files=sft.SFT_FILES) == [tmp_path / "config.json"]

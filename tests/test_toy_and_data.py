@@ -130,7 +130,7 @@ def test_unshuffled_options_are_alphabetical_with_the_same_draw():
 def test_validation_rows_keep_file_order_and_image_only_rows_have_no_video():
     row = dict(TRAIN_ROW, task_progress_metadata=[], choice_a="p", choice_b="q", choice_c="dry the red cup",
                choice_d="s", golden_choice_idx="C", domain="Work")
-    ex = make_example(row, "/root")
+    ex = make_example(row, "/root", validation=True)
     assert ex["options"] == ["p", "q", "dry the red cup", "s"] and ex["solution"] == "C"
     assert ex["video"] is None and ex["domain"] == "Work"
     content = data.messages(ex, data.VisionSpec())[0]["content"]
@@ -150,7 +150,7 @@ def test_missing_field_names_field_and_sample(tmp_path):
     row = dict(TRAIN_ROW)
     del row["negative_answers"]
     (tmp_path / "a.jsonl").write_text(json.dumps(row) + "\n")
-    with pytest.raises(DataError, match=r"sample_id=7: missing field 'negative_answers'"):
+    with pytest.raises(DataError, match=r"a\.jsonl:1: negative_answers: missing field \(sample_id=7\)"):
         load_examples(tmp_path / "a.jsonl", tmp_path)
 
 
@@ -181,3 +181,62 @@ def test_images_are_resized_as_configured(toy_world, toy_model):
     # a floor of 16*28*28 px upsamples it to 112x112 = 8x8 patches
     batch, _ = Collator(processor, data.VisionSpec(image_min_pixels=16 * 28 * 28))([dict(ex, video=None)])
     assert batch["image_grid_thw"].tolist() == [[1, 8, 8]]
+
+
+VAL_ROW = dict(TRAIN_ROW, choice_a="p", choice_b="q", choice_c="dry the red cup", choice_d="s", golden_choice_idx="C")
+
+
+@pytest.mark.parametrize("change, message", [
+    # without golden_choice_idx the row used to be read as a training row: options redrawn from negative_answers
+    (dict(golden_choice_idx=None), r"validation_L1\.jsonl:2: golden_choice_idx: missing field"),
+    # ... and without negative_answers too the message blamed negative_answers
+    (dict(golden_choice_idx=None, negative_answers=None), r":2: golden_choice_idx: missing field"),
+    # an assert before, so `python -O` accepted a letter that can never be scored right
+    (dict(golden_choice_idx="E"), r":2: golden_choice_idx: 'E' is not one of A, B, C, D \(sample_id=7\)"),
+    (dict(choice_d=None), r":2: choice_d: missing field"),
+])
+def test_a_validation_file_is_checked_as_validation_rows(tmp_path, change, message):
+    bad = {k: v for k, v in {**VAL_ROW, **change}.items() if v is not None}
+    f = tmp_path / "validation_L1.jsonl"
+    f.write_text(json.dumps(VAL_ROW) + "\n" + json.dumps(bad) + "\n")
+    with pytest.raises(DataError, match=message):
+        load_examples(f, tmp_path)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(negative_answers=["a", "b"]), r"negative_answers: expected a list of at least 3 strings"),
+    (dict(negative_answers="dry the blue cup"), r"negative_answers: expected a list of at least 3 strings"),
+    (dict(video_basename=""), r"video_basename: expected a non-empty string"),  # the row has a video
+    (dict(question=""), r"question: expected a non-empty string"),
+    (dict(task_progress_metadata=None), r"task_progress_metadata: missing field"),
+])
+def test_bad_training_rows_name_line_and_field(tmp_path, change, message):
+    bad = {k: v for k, v in {**TRAIN_ROW, **change}.items() if v is not None}
+    f = tmp_path / "training_6k.jsonl"
+    f.write_text("\n" + json.dumps(TRAIN_ROW) + "\n" + json.dumps(bad) + "\n")  # blank line 1: lines, not rows
+    with pytest.raises(DataError, match=r"training_6k\.jsonl:3: " + message):
+        load_examples(f, tmp_path)
+
+
+def test_rows_of_a_json_list_are_named_by_line(tmp_path):
+    # row 0 opens on line 2, row 1 on line 5: the message points at the line where the bad object opens
+    text = "[\n" + json.dumps(TRAIN_ROW, indent=None) + ",\n\n\n" + json.dumps(dict(TRAIN_ROW, question="")) + "\n]"
+    (tmp_path / "t.json").write_text(text)
+    with pytest.raises(DataError, match=r"t\.json:5\[#1\]: question"):
+        load_examples(tmp_path / "t.json", tmp_path)
+    with pytest.raises(DataError, match=r"nowhere\.jsonl: annotation file not found"):
+        load_examples(tmp_path / "nowhere.jsonl", tmp_path)
+
+
+def test_a_bad_image_is_reported_under_its_own_path(toy_world, toy_model, toy_vision, tmp_path):
+    _, processor = toy_model
+    examples = [e for e in load_examples(toy_world / "data/annotations/training_6k.jsonl", toy_world / "data")
+                if e["video"] is not None][:2]
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "garbage.png").write_bytes(b"not a png at all")
+    examples = [dict(examples[0], image=str(tmp_path / "empty.png")), dict(examples[1], image=str(tmp_path / "garbage.png"))]
+    collate = Collator(processor, toy_vision)
+    assert collate(examples) == (None, [])
+    (_, p0, r0), (_, p1, r1) = collate.failures
+    assert p0.endswith("empty.png") and r0 == "empty file (0 bytes)"
+    assert p1.endswith("garbage.png") and r1.startswith("cannot decode"), (p1, r1)

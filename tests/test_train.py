@@ -16,7 +16,7 @@ METRIC_FIELDS = {"reward_mean", "reward_std", "accuracy", "format", "bonus_mean"
                  "bonus_selective_frac",
                  "all_correct_frac", "all_wrong_frac", "completion_len_mean", "completion_len_max",
                  "truncated_frac", "clip_frac", "grad_norm", "lr", "t_generation", "t_reference", "t_update",
-                 "gen_tokens_per_s", "vision_calls", "skipped", "nonfinite_steps"}
+                 "gen_tokens_per_s", "vision_calls", "skipped", "skipped_total", "nonfinite_steps"}
 TIMING = {"t_generation", "t_reference", "t_update", "gen_tokens_per_s"}
 
 
@@ -89,12 +89,27 @@ def test_one_step_end_to_end(toy_world, tmp_path):
     assert ema is not None and all(v.dtype == torch.float32 for v in ema.values()), "EMA kept in fp32"
 
 
+def first_in_order(n_rows, seed=42):
+    """The row index that step_examples trains on first (1 prompt per step, epoch 0)."""
+    import random
+
+    order = list(range(n_rows))
+    random.Random(f"{seed}/order/0").shuffle(order)
+    return order[0]
+
+
 def test_resume_is_exact(toy_world, tmp_path):
+    # the row of step 1 has a missing image: the run's skipped count (1) must survive the resume from step 2
+    rows = (toy_world / "data/annotations/training_6k.jsonl").read_text().splitlines()
+    broken = first_in_order(len(rows))
+    rows[broken] = json.dumps(dict(json.loads(rows[broken]), current_observation_basename="missing.png"))
+    (tmp_path / "train.jsonl").write_text("\n".join(rows) + "\n")
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    grpo_care.main(args(toy_world, straight, "--max_steps", "4"))
-    grpo_care.main(args(toy_world, resumed, "--max_steps", "4", "--save_steps", "2"))  # writes checkpoint-2 ...
+    data = ("--train_file", str(tmp_path / "train.jsonl"))
+    grpo_care.main(args(toy_world, straight, "--max_steps", "4", *data))
+    grpo_care.main(args(toy_world, resumed, "--max_steps", "4", "--save_steps", "2", *data))  # checkpoint-2 ...
     (resumed / "checkpoint-4").rename(resumed / "ignored-4")  # ... and checkpoint-4: redo steps 3-4 from 2
-    grpo_care.main(args(toy_world, resumed, "--max_steps", "4", "--save_steps", "2",
+    grpo_care.main(args(toy_world, resumed, "--max_steps", "4", "--save_steps", "2", *data,
                         "--resume_from_checkpoint", "latest"))
     a, b = weights(straight / "checkpoint-4"), weights(resumed / "checkpoint-4")
     for k in a:
@@ -105,6 +120,7 @@ def test_resume_is_exact(toy_world, tmp_path):
     ma, mb = metrics(straight), metrics(resumed)
     assert [m["step"] for m in mb] == [1, 2, 3, 4]
     assert completions(resumed) == completions(straight)  # steps 3-4 rewritten, not appended twice
+    assert [m["skipped"] for m in mb] == [1, 0, 0, 0] and [m["skipped_total"] for m in mb] == [1, 1, 1, 1]
     for x, y in zip(ma[2:], mb[2:]):
         assert {k: v for k, v in x.items() if k not in TIMING} == {k: v for k, v in y.items() if k not in TIMING}
     assert not any(a[k].equal(weights(resumed / "checkpoint-2")[k]) for k in a if "layers.0.mlp" in k), \
@@ -172,6 +188,10 @@ def test_nonfinite_loss_skips_the_update(toy_world, tmp_path, monkeypatch):
     for k in theta1:
         assert theta0[k].equal(theta1[k]), k
     assert metrics(tmp_path)[0]["nonfinite_steps"] == 1
+    # the count is the run's: a resumed run carries it on (before: it restarted at 0)
+    monkeypatch.setattr(grpo_care, "policy_loss", real)
+    grpo_care.main(args(toy_world, tmp_path, "--max_steps", "2", "--use_care", "false", "--resume_from_checkpoint", "latest"))
+    assert [m["nonfinite_steps"] for m in metrics(tmp_path)] == [1, 1]
 
 
 def test_crash_while_saving_keeps_the_previous_checkpoint(toy_world, tmp_path, monkeypatch):
@@ -180,14 +200,14 @@ def test_crash_while_saving_keeps_the_previous_checkpoint(toy_world, tmp_path, m
     calls = []
     real = grpo_care.save_checkpoint
 
-    def crash_on_second(out, step, policy, ref, optimizer, scheduler, processor, cfg):
+    def crash_on_second(out, step, policy, ref, optimizer, scheduler, processor, cfg, **kw):
         calls.append(step)
         if len(calls) == 2:  # die half-way: the policy is written, the rest is not
             class Dying:
                 def save_pretrained(self, *a, **k):
                     raise KeyboardInterrupt("killed while writing")
-            return real(out, step, policy, ref, optimizer, scheduler, Dying(), cfg)
-        return real(out, step, policy, ref, optimizer, scheduler, processor, cfg)
+            return real(out, step, policy, ref, optimizer, scheduler, Dying(), cfg, **kw)
+        return real(out, step, policy, ref, optimizer, scheduler, processor, cfg, **kw)
 
     monkeypatch.setattr(grpo_care, "save_checkpoint", crash_on_second)
     with pytest.raises(KeyboardInterrupt):
@@ -229,6 +249,6 @@ def test_two_processes_survive_mixed_media_and_unreadable_samples(toy_world, tmp
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     m = metrics(out)
-    assert [x["step"] for x in m] == [1, 2] and m[-1]["skipped"] == 1
+    assert [x["step"] for x in m] == [1, 2] and sorted(x["skipped"] for x in m) == [0, 1] and m[-1]["skipped_total"] == 1
     # the step holding the unreadable sample trains on no prompt (the other rank waits it out), the other on 2
     assert sorted(x["vision_calls"] for x in m) == [0, 6]

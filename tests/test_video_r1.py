@@ -58,15 +58,15 @@ def test_seed_bench_r1_rows_stay_multiple_choice(toy_world):
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(problem_type="essay"), r"problem_id=1: problem_type 'essay' is not one of"),
-    (dict(data_type="audio"), r"problem_id=1: data_type 'audio' is neither"),
-    (dict(options=[]), r"problem_id=1: a multiple-choice row needs 'options'"),
-    (dict(path=None), r"problem_id=1: missing field 'path'"),
+    (dict(problem_type="essay"), r"problem_type: 'essay' is not one of .* \(problem_id=1\)"),
+    (dict(data_type="audio"), r"data_type: 'audio' is neither"),
+    (dict(options=[]), r"options: a multiple-choice row needs options"),
+    (dict(path=None), r"path: missing field \(problem_id=1\)"),
 ])
 def test_bad_video_r1_rows_name_the_problem(tmp_path, change, message):
     row = {k: v for k, v in {**ROWS[0], **change}.items() if v is not None}
     (tmp_path / "bad.json").write_text(json.dumps([row]))
-    with pytest.raises(DataError, match=r"bad\.json: " + message):
+    with pytest.raises(DataError, match=r"bad\.json:1\[#0\]: " + message):
         load_examples(tmp_path / "bad.json", tmp_path)
     (tmp_path / "cut.json").write_text('[{"problem_id": 1,\n "problem": }]')
     with pytest.raises(DataError, match=r"cut\.json:2: malformed JSON"):
