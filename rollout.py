@@ -43,6 +43,7 @@ Departures from the reference code (TencentARC/GRPO-CARE), and why:
 from __future__ import annotations
 
 import contextlib
+import random
 import re
 from dataclasses import dataclass, field
 
@@ -50,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch.distributed.fsdp import FSDPModule
 from torch.utils.checkpoint import checkpoint
+from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
@@ -168,57 +170,103 @@ def gathered(model):
             m.reshard()
 
 
-@contextlib.contextmanager
-def _seeded(seed: int | None, device: torch.device):
-    """Sample from `seed` without disturbing the caller's RNG streams; global RNG when None."""
-    if seed is None:
-        yield
-        return
-    with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device.index],
-                               device_type=None if device.type == "cpu" else device.type):
-        torch.manual_seed(seed)
-        yield
+def row_seed(prompt_seed: int, g: int) -> int:
+    """The generator seed of sample g of a prompt: a function of (prompt seed, g) only."""
+    return random.Random(f"{prompt_seed}/{g}").getrandbits(63)
+
+
+class SeededSampler(LogitsProcessor):
+    """Sampling as a logits processor for greedy `generate`, row r from its own generator.
+
+    argmax(z + Gumbel noise) is an exact sample from softmax(z) (the Gumbel-max trick; Gumbel = -log E,
+    E ~ Exp(1)); z = HF's own temperature and top-p warpers applied to the scores the earlier processors
+    (suppress_tokens, min_new_tokens: -inf stays -inf) left, the order HF's sampling uses. Row r's t-th token
+    reads the t-th noise vector of generator r, so its samples depend on its seed alone, not on which
+    other rows share the call (up to float rounding of the logits themselves: see generate_groups)."""
+
+    def __init__(self, seeds: list[int], temperature: float, top_p: float, device):
+        self.generators = [torch.Generator(device).manual_seed(s) for s in seeds]
+        self.warpers = [TemperatureLogitsWarper(temperature)] + ([TopPLogitsWarper(top_p)] if top_p < 1.0 else [])
+
+    def __call__(self, input_ids, scores):  # scores (N, V) float32
+        for warp in self.warpers:
+            scores = warp(input_ids, scores)
+        V = scores.shape[-1]
+        exp = torch.stack([torch.empty(V, device=scores.device).exponential_(generator=g) for g in self.generators])  # (N, V)
+        return scores - exp.log()
+
+
+def _merge_rows(inputs: list[dict], pad: int) -> dict:
+    """Model inputs of several `select_prompts` results as one left-padded batch, rows in order."""
+    P = max(x["input_ids"].shape[1] for x in inputs)
+    merged = {k: torch.cat([F.pad(x[k], (P - x[k].shape[1], 0), value=pad if k == "input_ids" else 0) for x in inputs])
+              for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts"):
+        if any(k in x for x in inputs):
+            merged[k] = torch.cat([x[k] for x in inputs if k in x])
+    merged["mm_encoder_outputs"] = {}
+    for modality in MODALITIES:
+        features = [f for x in inputs if modality in x["mm_encoder_outputs"]
+                    for f in x["mm_encoder_outputs"][modality].pooler_output]
+        if features:  # in row order, as the placeholders consume them
+            merged["mm_encoder_outputs"][modality] = BaseModelOutputWithPooling(pooler_output=tuple(features))
+    return merged
 
 
 @torch.no_grad()
-def generate_group(model, batch, G: int, tokenizer, max_new_tokens: int = 768, temperature: float = 1.0,
-                   top_p: float = 0.95, seeds: list[int] | None = None, eos_token: str = "<|im_end|>",
-                   min_new_tokens: int = 0) -> Rollout:
-    """G sampled completions for each of the B prompts of `batch` (a data.Collator output).
+def generate_groups(model, batches: list[dict], G: int, tokenizer, max_new_tokens: int = 768,
+                    temperature: float = 1.0, top_p: float = 0.95, seeds: list[int] | None = None,
+                    eos_token: str = "<|im_end|>", min_new_tokens: int = 0) -> list[Rollout]:
+    """G sampled completions for every prompt of `batches` (data.Collator outputs), one Rollout per batch,
+    all rows decoded in ONE `generate` call. `seeds`: one per prompt, in batch order (None: drawn from
+    the global RNG).
 
-    HF `generate` has no per-row generator, so prompts are generated one at a time (G rows each)
-    under `torch.manual_seed(seeds[b])` inside a forked RNG, from the prompt without its left
-    padding: prompt b's samples depend on seeds[b] alone, not on batch composition or rank."""
+    HF `generate` has no per-row generator, so it runs greedy over SeededSampler's noisy scores: sample
+    g of a prompt with seed s reads only the generator seeded with row_seed(s, g). Rows of different
+    prompts are left-padded to a common length; padding is masked, so a row's logits do not depend on its
+    neighbours up to float rounding, and a sample can differ between batch compositions only where two
+    tokens' noisy scores are within that rounding (never seen in fp32 on the toy; bf16 rounds more)."""
     tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor works too
     eos = tokenizer.convert_tokens_to_ids(eos_token)
     pad = model.generation_config.pad_token_id
     pad = tokenizer.pad_token_id if pad is None else pad
-    B = batch["input_ids"].shape[0]
-    assert seeds is None or len(seeds) == B, f"{len(seeds)} seeds for {B} prompts"
+    sizes = [b["input_ids"].shape[0] for b in batches]
+    if seeds is None:
+        seeds = torch.randint(2 ** 62, (sum(sizes),)).tolist()
+    assert len(seeds) == sum(sizes), f"{len(seeds)} seeds for {sum(sizes)} prompts"
+    if not batches:
+        return []
     # a sampled image/video placeholder would claim vision features in every later forward
     placeholders = [getattr(model.config, token) for _, _, token in MODALITIES.values()]
-    mm = encode_vision(model, batch)
-    device = batch["input_ids"].device
-    completions = []
+    mms = [encode_vision(model, b) for b in batches]  # one tower call per batch, as every later pass makes
+    inputs = _merge_rows([select_prompts(model, b, mm, [p for p in range(B) for _ in range(G)])
+                          for b, mm, B in zip(batches, mms, sizes)], pad)
+    sampler = SeededSampler([row_seed(s, g) for s in seeds for g in range(G)], temperature, top_p,
+                            inputs["input_ids"].device)
     with gathered(model):
-        for b in range(B):
-            inputs = select_prompts(model, batch, mm, [b])
-            keep = inputs["attention_mask"][0].bool()  # drop left padding: rows must not depend on the batch
-            for k in ("input_ids", "attention_mask", "mm_token_type_ids"):
-                inputs[k] = inputs[k][:, keep]
-            with _seeded(None if seeds is None else seeds[b], device):
-                out = model.generate(**inputs, do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
-                                     repetition_penalty=1.0, max_new_tokens=max_new_tokens, num_return_sequences=G,
-                                     min_new_tokens=min_new_tokens,  # > 0 only for benchmarks
-                                     eos_token_id=eos, pad_token_id=pad, synced_gpus=False,
-                                     suppress_tokens=placeholders)
-            completions.append(out[:, int(keep.sum()):])  # (G, T_b)
-    T = max(c.shape[1] for c in completions)
-    ids = torch.cat([F.pad(c, (0, T - c.shape[1]), value=pad) for c in completions])  # (N, T)
-    mask, truncated = completion_mask(ids, eos)
-    texts = [tokenizer.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(ids, mask)]
-    index = torch.arange(B, device=device).repeat_interleave(G)  # (N,)
-    return Rollout(batch, index, ids, mask, truncated, texts, mm, vision_calls=1 if mm else 0)
+        out = model.generate(**inputs, do_sample=False, logits_processor=LogitsProcessorList([sampler]),
+                             temperature=None, top_p=None, top_k=None,  # sampling is the sampler's
+                             repetition_penalty=1.0, max_new_tokens=max_new_tokens,
+                             min_new_tokens=min_new_tokens,  # > 0 only for benchmarks
+                             eos_token_id=eos, pad_token_id=pad, synced_gpus=False, suppress_tokens=placeholders)
+    completions = out[:, inputs["input_ids"].shape[1]:]  # (sum(B) * G, T)
+    rollouts, at = [], 0
+    for batch, mm, B in zip(batches, mms, sizes):
+        ids = completions[at:at + B * G]
+        at += B * G
+        mask, truncated = completion_mask(ids, eos)
+        T = int(mask.sum(-1).max())  # the length this batch alone would have run to
+        ids, mask = ids[:, :T], mask[:, :T]
+        texts = [tokenizer.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(ids, mask)]
+        index = torch.arange(B, device=ids.device).repeat_interleave(G)  # (B*G,)
+        rollouts.append(Rollout(batch, index, ids, mask, truncated, texts, mm, vision_calls=1 if mm else 0))
+    return rollouts
+
+
+def generate_group(model, batch, G: int, tokenizer, **kwargs) -> Rollout:
+    """G sampled completions for each of the B prompts of `batch` (a data.Collator output):
+    generate_groups with one batch (keyword arguments and seeding as there)."""
+    return generate_groups(model, [batch], G, tokenizer, **kwargs)[0]
 
 
 def token_logprobs(hidden: torch.Tensor, lm_head, targets: torch.Tensor, chunk_size: int = 512,
