@@ -178,22 +178,30 @@ def row_seed(prompt_seed: int, g: int) -> int:
 class SeededSampler(LogitsProcessor):
     """Sampling as a logits processor for greedy `generate`, row r from its own generator.
 
-    argmax(z + Gumbel noise) is an exact sample from softmax(z) (the Gumbel-max trick; Gumbel = -log E,
-    E ~ Exp(1)); z = HF's own temperature and top-p warpers applied to the scores the earlier processors
+    argmax(z + Gumbel noise) is an exact sample from softmax(z) (the Gumbel-max trick; Gumbel = -log(-log U),
+    U uniform; U = 0, probability 2^-24 per entry in float32, rules its token out); z = HF's own temperature and top-p warpers applied to the scores the earlier processors
     (suppress_tokens, min_new_tokens: -inf stays -inf) left, the order HF's sampling uses. Row r's t-th token
     reads the t-th noise vector of generator r, so its samples depend on its seed alone, not on which
     other rows share the call (up to float rounding of the logits themselves: see generate_groups)."""
 
-    def __init__(self, seeds: list[int], temperature: float, top_p: float, device):
+    def __init__(self, seeds: list[int], temperature: float, top_p: float, device, max_new_tokens: int,
+                 block: int = 1 << 16):
         self.generators = [torch.Generator(device).manual_seed(s) for s in seeds]
         self.warpers = [TemperatureLogitsWarper(temperature)] + ([TopPLogitsWarper(top_p)] if top_p < 1.0 else [])
+        # each row's noise is drawn for k steps at once (k from the vocabulary size and max_new_tokens only)
+        self.block, self.max_new_tokens, self.noise, self.used = block, max_new_tokens, None, 0
 
     def __call__(self, input_ids, scores):  # scores (N, V) float32
         for warp in self.warpers:
             scores = warp(input_ids, scores)
-        V = scores.shape[-1]
-        exp = torch.stack([torch.empty(V, device=scores.device).exponential_(generator=g) for g in self.generators])  # (N, V)
-        return scores - exp.log()
+        N, V = scores.shape
+        if self.noise is None or self.used == self.noise.shape[1]:  # the next k steps' noise, one draw per row
+            k = max(1, min(self.max_new_tokens, self.block // V))
+            self.noise = torch.stack([torch.rand(k, V, device=scores.device, generator=g)
+                                      for g in self.generators]).log_().neg_().log_()  # (N, k, V) -Gumbel
+            self.used = 0
+        self.used += 1
+        return scores - self.noise[:, self.used - 1]  # + Gumbel noise
 
 
 def _merge_rows(inputs: list[dict], pad: int) -> dict:
@@ -242,7 +250,7 @@ def generate_groups(model, batches: list[dict], G: int, tokenizer, max_new_token
     inputs = _merge_rows([select_prompts(model, b, mm, [p for p in range(B) for _ in range(G)])
                           for b, mm, B in zip(batches, mms, sizes)], pad)
     sampler = SeededSampler([row_seed(s, g) for s in seeds for g in range(G)], temperature, top_p,
-                            inputs["input_ids"].device)
+                            inputs["input_ids"].device, max_new_tokens)
     with gathered(model):
         out = model.generate(**inputs, do_sample=False, logits_processor=LogitsProcessorList([sampler]),
                              temperature=None, top_p=None, top_k=None,  # sampling is the sampler's

@@ -134,12 +134,12 @@ def test_batches_decoded_together_sample_as_alone(rollout, prompts, toy_model, t
 ])
 def test_seeded_sampler_samples_the_filtered_softmax(temperature, top_p, expected):
     scores = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()  # (1, V)
-    sampler = SeededSampler([0], temperature, top_p, torch.device("cpu"))
+    sampler = SeededSampler([0], temperature, top_p, torch.device("cpu"), max_new_tokens=7)  # draws 7 steps at a time
     n = 4000  # sd of a frequency near 0.5: sqrt(.25 / 4000) = 0.008
     picks = torch.stack([sampler(None, scores.clone()).argmax(-1) for _ in range(n)])
     freq = torch.bincount(picks.view(-1), minlength=4).float() / n
     torch.testing.assert_close(freq, torch.tensor(expected), atol=0.03, rtol=0)
-    again = SeededSampler([0], temperature, top_p, torch.device("cpu"))
+    again = SeededSampler([0], temperature, top_p, torch.device("cpu"), max_new_tokens=7)
     assert [again(None, scores.clone()).argmax(-1).item() for _ in range(20)] == picks[:20].view(-1).tolist()
 
 
