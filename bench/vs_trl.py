@@ -191,7 +191,9 @@ def child(a):
 
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
-    (a.prompts,) = a.prompts  # one value per child
+    if len(a.prompts) != 1:
+        raise SystemExit(f"--side runs one --prompts value, not {a.prompts}")
+    (a.prompts,) = a.prompts
     examples = json.loads(Path(a.examples).read_text())[:(a.warmup + a.steps) * a.prompts]
     steps = (run_ours if a.side == "ours" else run_trl)(a, examples)
     setup_peak, base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, _rss_mb("VmRSS")
