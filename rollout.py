@@ -257,17 +257,22 @@ def generate_groups(model, batches: list[dict], G: int, tokenizer, max_new_token
     # a sampled image/video placeholder would claim vision features in every later forward
     placeholders = [getattr(model.config, token) for _, _, token in MODALITIES.values()]
     mms = [encode_vision(model, b) for b in batches]  # one tower call per batch, as every later pass makes
-    inputs = _merge_rows([select_prompts(model, b, mm, [p for p in range(B) for _ in range(G)])
-                          for b, mm, B in zip(batches, mms, sizes)], pad)
+    share = getattr(model.generation_config, "cache_implementation", None) is None  # else generate makes the cache
+    prompts = _merge_rows([select_prompts(model, b, mm, list(range(B)) if share else [p for p in range(B) for _ in range(G)])
+                           for b, mm, B in zip(batches, mms, sizes)], pad)
+    rows = {k: prompts[k].repeat_interleave(G, 0) for k in ("input_ids", "attention_mask", "mm_token_type_ids")} \
+        if share else prompts
     sampler = SeededSampler([row_seed(s, g) for s in seeds for g in range(G)], temperature, top_p,
-                            inputs["input_ids"].device, max_new_tokens)
+                            rows["input_ids"].device, max_new_tokens)
     with gathered(model):
-        out = model.generate(**inputs, do_sample=False, logits_processor=LogitsProcessorList([sampler]),
+        if share:
+            rows["past_key_values"] = _shared_prefill(model, prompts, G)
+        out = model.generate(**rows, do_sample=False, logits_processor=LogitsProcessorList([sampler]),
                              temperature=None, top_p=None, top_k=None,  # sampling is the sampler's
                              repetition_penalty=1.0, max_new_tokens=max_new_tokens,
                              min_new_tokens=min_new_tokens,  # > 0 only for benchmarks
                              eos_token_id=eos, pad_token_id=pad, synced_gpus=False, suppress_tokens=placeholders)
-    completions = out[:, inputs["input_ids"].shape[1]:]  # (sum(B) * G, T)
+    completions = out[:, rows["input_ids"].shape[1]:]  # (sum(B) * G, T)
     rollouts, at = [], 0
     for batch, mm, B in zip(batches, mms, sizes):
         ids = completions[at:at + B * G]
@@ -279,6 +284,24 @@ def generate_groups(model, batches: list[dict], G: int, tokenizer, max_new_token
         index = torch.arange(B, device=ids.device).repeat_interleave(G)  # (B*G,)
         rollouts.append(Rollout(batch, index, ids, mask, truncated, texts, mm, vision_calls=1 if mm else 0))
     return rollouts
+
+
+def _shared_prefill(model, prompts: dict, G: int):
+    """The KV cache of every prompt token but the last, computed once per prompt and repeated for its G rows.
+
+    `generate` would expand the prompt to G rows before its prefill (G times the prompt's work); here
+    it continues from this cache and runs only the last prompt token per row. The 3D rope offsets
+    (`rope_deltas`) the prefill stores are repeated alike: `generate` reads them for the later tokens."""
+    keep = ("input_ids", "attention_mask", "mm_token_type_ids")
+    inputs = {k: v[:, :-1] if k in keep else v for k, v in prompts.items()}  # the last token is text, never vision
+    grids = {k: inputs[k] for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts") if k in inputs}
+    # explicit positions, as in completion_logprobs: never the rope_deltas an earlier call left on the model
+    position_ids, deltas = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
+                                                      attention_mask=inputs["attention_mask"], **grids)  # (3, B, P-1)
+    cache = model(**inputs, position_ids=position_ids, use_cache=True, logits_to_keep=1).past_key_values
+    cache.batch_repeat_interleave(G)
+    model.model.rope_deltas = deltas.repeat_interleave(G, 0)  # (B*G, 1)
+    return cache
 
 
 def generate_group(model, batch, G: int, tokenizer, **kwargs) -> Rollout:

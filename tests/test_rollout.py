@@ -126,6 +126,18 @@ def test_batches_decoded_together_sample_as_alone(rollout, prompts, toy_model, t
     assert not torch.equal(rollout.completion_ids[0], rollout.completion_ids[1]), "the G rows draw their own noise"
 
 
+def test_shared_prefill_samples_as_a_full_prefill(rollout, prompts, toy_model):
+    """The G rows continue from one prefill per prompt; with a cache generate builds itself (cache_implementation
+    set: the G rows prefilled one by one, the path a static cache takes) the samples are the same."""
+    model, processor = toy_model
+    before, model.generation_config.cache_implementation = model.generation_config.cache_implementation, "dynamic"
+    try:
+        full = generate_group(model, prompts[0], G, processor, max_new_tokens=6, seeds=[11, 12, 13])
+    finally:
+        model.generation_config.cache_implementation = before
+    assert torch.equal(full.completion_ids, rollout.completion_ids)
+
+
 @pytest.mark.parametrize("temperature, top_p, expected", [
     # top-p 0.8 keeps the smallest set whose mass reaches 0.8 (HF's rule): 0.5 + 0.3, renormalised 0.625, 0.375
     (1.0, 0.8, [0.625, 0.375, 0.0, 0.0]),
