@@ -189,21 +189,35 @@ class SeededSampler(LogitsProcessor):
     """Sampling as a logits processor for greedy `generate`, row r from its own generator.
 
     argmax(z + Gumbel noise) is an exact sample from softmax(z) (the Gumbel-max trick; Gumbel = -log(-log U),
-    U uniform; U = 0, probability 2^-24 per entry in float32, rules its token out); z = HF's own temperature and top-p warpers applied to the scores the earlier processors
-    (suppress_tokens, min_new_tokens: -inf stays -inf) left, the order HF's sampling uses. Row r's t-th token
-    reads the t-th noise vector of generator r, so its samples depend on its seed alone, not on which
-    other rows share the call (up to float rounding of the logits themselves: see generate_groups)."""
+    U uniform; U = 0, probability 2^-24 per entry in float32, rules its token out); z = HF's temperature
+    warper and top-p rule (`_nucleus`) applied to the scores the earlier processors (suppress_tokens,
+    min_new_tokens: -inf stays -inf) left, the order HF's sampling uses. Row r's t-th token reads the t-th
+    noise vector of generator r, so its samples depend on its seed alone, not on which other rows share
+    the call (up to float rounding of the logits themselves: see generate_groups)."""
 
     def __init__(self, seeds: list[int], temperature: float, top_p: float, device, max_new_tokens: int,
-                 block: int = 1 << 16):
+                 block: int = 1 << 16, candidates: int = 64):
         self.generators = [torch.Generator(device).manual_seed(s) for s in seeds]
-        self.warpers = [TemperatureLogitsWarper(temperature)] + ([TopPLogitsWarper(top_p)] if top_p < 1.0 else [])
+        self.temperature, self.top_p, self.candidates = TemperatureLogitsWarper(temperature), top_p, candidates
+        self.full_top_p = TopPLogitsWarper(top_p)
         # each row's noise is drawn for k steps at once (k from the vocabulary size and max_new_tokens only)
         self.block, self.max_new_tokens, self.noise, self.used = block, max_new_tokens, None, 0
 
+    def _nucleus(self, input_ids, scores):  # (N, V) -> (N, V), tokens outside the top-p nucleus at -inf
+        """HF's top-p rule (keep a token when the mass ranked above it is < top_p) from the `candidates` most
+        likely tokens when they hold top_p of the mass in every row, as they all but always do: a top-k, not
+        HF's sort of the whole vocabulary per row and token. Else HF's warper itself."""
+        probs = scores.softmax(-1)
+        top, index = probs.topk(min(self.candidates, scores.shape[-1]), dim=-1)  # (N, k) descending
+        if not bool((top.sum(-1) >= self.top_p).all()):
+            return self.full_top_p(input_ids, scores)
+        keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, index, top.cumsum(-1) - top < self.top_p)
+        return scores.masked_fill(~keep, -float("inf"))
+
     def __call__(self, input_ids, scores):  # scores (N, V) float32
-        for warp in self.warpers:
-            scores = warp(input_ids, scores)
+        scores = self.temperature(input_ids, scores)
+        if self.top_p < 1.0:
+            scores = self._nucleus(input_ids, scores)
         N, V = scores.shape
         if self.noise is None or self.used == self.noise.shape[1]:  # the next k steps' noise, one draw per row
             k = max(1, min(self.max_new_tokens, self.block // V))

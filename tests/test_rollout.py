@@ -144,15 +144,28 @@ def test_shared_prefill_samples_as_a_full_prefill(rollout, prompts, toy_model):
     # temperature 2: p ** (1/2) = .7071, .5477, .3873, .2236, sum 1.8657 -> .379, .294, .208, .120
     (2.0, 1.0, [0.379, 0.294, 0.208, 0.120]),
 ])
-def test_seeded_sampler_samples_the_filtered_softmax(temperature, top_p, expected):
+@pytest.mark.parametrize("candidates", [64, 1])  # 1: the top token's 0.5 < top-p, HF's full warper takes over
+def test_seeded_sampler_samples_the_filtered_softmax(temperature, top_p, expected, candidates):
     scores = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()  # (1, V)
-    sampler = SeededSampler([0], temperature, top_p, torch.device("cpu"), max_new_tokens=7)  # draws 7 steps at a time
+    sampler = SeededSampler([0], temperature, top_p, torch.device("cpu"), max_new_tokens=7,  # draws 7 steps at a time
+                            candidates=candidates)
     n = 4000  # sd of a frequency near 0.5: sqrt(.25 / 4000) = 0.008
     picks = torch.stack([sampler(None, scores.clone()).argmax(-1) for _ in range(n)])
     freq = torch.bincount(picks.view(-1), minlength=4).float() / n
     torch.testing.assert_close(freq, torch.tensor(expected), atol=0.03, rtol=0)
-    again = SeededSampler([0], temperature, top_p, torch.device("cpu"), max_new_tokens=7)
+    again = SeededSampler([0], temperature, top_p, torch.device("cpu"), max_new_tokens=7, candidates=candidates)
     assert [again(None, scores.clone()).argmax(-1).item() for _ in range(20)] == picks[:20].view(-1).tolist()
+
+
+def test_nucleus_equals_hf_top_p():
+    from transformers import TopPLogitsWarper
+
+    torch.manual_seed(0)
+    scores = torch.randn(6, 50) * 5  # (N, V) peaked enough that 8 candidates hold 0.9 of the mass in every row
+    sampler = SeededSampler([0] * 6, 1.0, 0.9, torch.device("cpu"), max_new_tokens=1, candidates=8)
+    assert (scores.softmax(-1).topk(8).values.sum(-1) >= 0.9).all(), "the fast path is taken"
+    ours, hf = sampler._nucleus(None, scores), TopPLogitsWarper(0.9)(None, scores)
+    assert torch.equal(ours.isinf(), hf.isinf()) and (~ours.isinf()).sum(-1).max() > 1, "a nucleus of several tokens"
 
 
 def test_min_new_tokens_holds_back_eos(prompts, toy_model):
