@@ -19,6 +19,10 @@ the same code runs on 1 GPU and under `accelerate launch` (each rank rolls out i
   float rounding of the logits, which can flip a sample only where two tokens' noisy scores are within
   that rounding (on the toy: 0 of 128 rows differ between 4 prompts together and each alone, in fp32
   and in bf16, CPU; GPU kernels not measured).
+* Prefill once per prompt: HF's `num_return_sequences` expands a prompt to G rows before its prefill
+  (G times the prompt's work); `_shared_prefill` runs every prompt token but the last once per prompt and
+  repeats the KV cache (and the 3D rope offsets) for the G rows, and `generate` continues from it. With
+  a `cache_implementation` set (a static cache, which `generate` allocates itself) the rows prefill in full.
 * Vision once: `encode_vision` runs the vision tower once for all images and videos of the B
   prompts (a "vision call" is one call of `model.model.visual`); `select_prompts` hands the features to the
   G rows of each prompt by reference (transformers 5 `mm_encoder_outputs`), never recomputing them.
