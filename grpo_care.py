@@ -771,13 +771,13 @@ def main(argv: list[str] | None = None):
         # take as many prompts as the rank with the fewest (a step may thus train on fewer prompts)
         n_common = torch.tensor(len(batches), device=device)
         dist.all_reduce(n_common, op=dist.ReduceOp.MIN)
+        kept = [(ex, batch.to(device)) for ex, batch in batches[:int(n_common)]]
+        with torch.no_grad():  # one generate call for all of this process's prompts, each from its own seed
+            ros = rollout.generate_groups(policy, [batch for _, batch in kept], cfg.num_generations, tokenizer,
+                                          max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                          top_p=cfg.top_p, seeds=[sample_seed(cfg.seed, step, ex["id"]) for ex, _ in kept])
         groups = []  # (example, batch, rollout) per prompt
-        for ex, batch in batches[:int(n_common)]:
-            batch = batch.to(device)
-            with torch.no_grad():
-                ro = rollout.generate_group(policy, batch, cfg.num_generations, max_new_tokens=cfg.max_new_tokens,
-                                            temperature=cfg.temperature, top_p=cfg.top_p,
-                                            seeds=[sample_seed(cfg.seed, step, ex["id"])], tokenizer=tokenizer)
+        for (ex, batch), ro in zip(kept, ros):
             ro.completion_mask = ro.completion_mask.to(device)
             groups.append((ex, batch, ro))
         t_gen = time.perf_counter() - t0

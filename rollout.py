@@ -1,6 +1,7 @@
 """Group rollouts: G sampled completions per prompt, their per-token log-probs, and answer spans.
 
     ro = generate_group(model, batch, G, tokenizer, seeds=seeds)    # batch: data.Collator output
+    ros = generate_groups(model, batches, G, tokenizer, seeds=seeds)  # one Rollout per batch, ONE generate call
     old = completion_logprobs(model, ro, ro.mm)                      # (N, T), reuses the rollout's encoding
     ref = completion_logprobs(ref_model, ro, encode_vision(ref_model, batch))
     new = completion_logprobs(model, ro, encode_vision(model, batch))      # with gradient
@@ -9,6 +10,19 @@
 Rows are grouped by prompt: row r samples prompt `ro.prompt_index[r]`, N = B*G. A library file, no main:
 the same code runs on 1 GPU and under `accelerate launch` (each rank rolls out its own prompts).
 
+* One `generate` call for all prompts of a process (generate_groups): on a GPU decoding is memory-bound,
+  so B*G rows in one call cost little more than G rows, where B calls one after the other cost B times.
+  Sampling stays per row: `generate` runs greedy over SeededSampler's scores, HF's own temperature and
+  top-p warpers plus Gumbel noise from one generator per row (seeded by (prompt seed, g)), so a row's
+  samples depend only on its seed, not on which prompts share the call, the rank count or a resume.
+  Rows of different prompts are left-padded to one length; the padding is masked, so this holds up to
+  float rounding of the logits, which can flip a sample only where two tokens' noisy scores are within
+  that rounding (on the toy: 0 of 128 rows differ between 4 prompts together and each alone, in fp32
+  and in bf16, CPU; GPU kernels not measured).
+* Prefill once per prompt: HF's `num_return_sequences` expands a prompt to G rows before its prefill
+  (G times the prompt's work); `_shared_prefill` runs every prompt token but the last once per prompt and
+  repeats the KV cache (and the 3D rope offsets) for the G rows, and `generate` continues from it. With
+  a `cache_implementation` set (a static cache, which `generate` allocates itself) the rows prefill in full.
 * Vision once: `encode_vision` runs the vision tower once for all images and videos of the B
   prompts (a "vision call" is one call of `model.model.visual`); `select_prompts` hands the features to the
   G rows of each prompt by reference (transformers 5 `mm_encoder_outputs`), never recomputing them.
@@ -27,8 +41,8 @@ Departures from the reference code (TencentARC/GRPO-CARE), and why:
 * it runs the vision tower for each of the G samples in every pass and builds logits for every
   prompt position; here it runs once per prompt per set of weights, and only completion positions
   reach the LM head.
-* it samples with the global RNG; here each prompt's G samples depend only on its own seed
-  (not on batch composition or rank count), so a run is reproducible and resumable.
+* it samples with the global RNG; here each sample depends only on its own seed (not on batch
+  composition or rank count, up to the rounding above), so a run is reproducible and resumable.
 * sampling is set in full (temperature, top-p, no top-k, no repetition penalty, EOS = <|im_end|>),
   so the checkpoint's generation_config.json (Qwen2.5-VL-Instruct's is near-greedy) cannot leak
   in. The reference's GenerationConfig(top_p=0.95, temperature=1) leaves HF's top_k=50 in force
@@ -46,6 +60,7 @@ Departures from the reference code (TencentARC/GRPO-CARE), and why:
 from __future__ import annotations
 
 import contextlib
+import random
 import re
 from dataclasses import dataclass, field
 
@@ -53,6 +68,7 @@ import torch
 import torch.nn.functional as F
 from torch.distributed.fsdp import FSDPModule
 from torch.utils.checkpoint import checkpoint
+from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
@@ -171,57 +187,148 @@ def gathered(model):
             m.reshard()
 
 
-@contextlib.contextmanager
-def _seeded(seed: int | None, device: torch.device):
-    """Sample from `seed` without disturbing the caller's RNG streams; global RNG when None."""
-    if seed is None:
-        yield
-        return
-    with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device.index],
-                               device_type=None if device.type == "cpu" else device.type):
-        torch.manual_seed(seed)
-        yield
+def row_seed(prompt_seed: int, g: int) -> int:
+    """The generator seed of sample g of a prompt: a function of (prompt seed, g) only."""
+    return random.Random(f"{prompt_seed}/{g}").getrandbits(63)
+
+
+class SeededSampler(LogitsProcessor):
+    """Sampling as a logits processor for greedy `generate`, row r from its own generator.
+
+    argmax(z + Gumbel noise) is an exact sample from softmax(z) (the Gumbel-max trick; Gumbel = -log(-log U),
+    U uniform; U = 0, probability 2^-24 per entry in float32, rules its token out); z = HF's temperature
+    warper and top-p rule (`_nucleus`) applied to the scores the earlier processors (suppress_tokens,
+    min_new_tokens: -inf stays -inf) left, the order HF's sampling uses. Row r's t-th token reads the t-th
+    noise vector of generator r, so its samples depend on its seed alone, not on which other rows share
+    the call (up to float rounding of the logits themselves: see generate_groups)."""
+
+    def __init__(self, seeds: list[int], temperature: float, top_p: float, device, max_new_tokens: int,
+                 block: int = 1 << 16, candidates: int = 64):
+        self.generators = [torch.Generator(device).manual_seed(s) for s in seeds]
+        self.temperature, self.top_p, self.candidates = TemperatureLogitsWarper(temperature), top_p, candidates
+        self.full_top_p = TopPLogitsWarper(top_p)
+        # each row's noise is drawn for k steps at once (k from the vocabulary size and max_new_tokens only)
+        self.block, self.max_new_tokens, self.noise, self.used = block, max_new_tokens, None, 0
+
+    def _nucleus(self, input_ids, scores):  # (N, V) -> (N, V), tokens outside the top-p nucleus at -inf
+        """HF's top-p rule (keep a token when the mass ranked above it is < top_p) from the `candidates` most
+        likely tokens when they hold top_p of the mass in every row, as they all but always do: a top-k, not
+        HF's sort of the whole vocabulary per row and token. Else HF's warper itself."""
+        probs = scores.softmax(-1)
+        top, index = probs.topk(min(self.candidates, scores.shape[-1]), dim=-1)  # (N, k) descending
+        if not bool((top.sum(-1) >= self.top_p).all()):
+            return self.full_top_p(input_ids, scores)
+        keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, index, top.cumsum(-1) - top < self.top_p)
+        return scores.masked_fill(~keep, -float("inf"))
+
+    def __call__(self, input_ids, scores):  # scores (N, V) float32
+        scores = self.temperature(input_ids, scores)
+        if self.top_p < 1.0:
+            scores = self._nucleus(input_ids, scores)
+        N, V = scores.shape
+        if self.noise is None or self.used == self.noise.shape[1]:  # the next k steps' noise, one draw per row
+            k = max(1, min(self.max_new_tokens, self.block // V))
+            self.noise = torch.stack([torch.rand(k, V, device=scores.device, generator=g)
+                                      for g in self.generators]).log_().neg_().log_()  # (N, k, V) -Gumbel
+            self.used = 0
+        self.used += 1
+        return scores - self.noise[:, self.used - 1]  # + Gumbel noise
+
+
+def _merge_rows(inputs: list[dict], pad: int) -> dict:
+    """Model inputs of several `select_prompts` results as one left-padded batch, rows in order."""
+    P = max(x["input_ids"].shape[1] for x in inputs)
+    merged = {k: torch.cat([F.pad(x[k], (P - x[k].shape[1], 0), value=pad if k == "input_ids" else 0) for x in inputs])
+              for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts"):
+        if any(k in x for x in inputs):
+            merged[k] = torch.cat([x[k] for x in inputs if k in x])
+    merged["mm_encoder_outputs"] = {}
+    for modality in MODALITIES:
+        features = [f for x in inputs if modality in x["mm_encoder_outputs"]
+                    for f in x["mm_encoder_outputs"][modality].pooler_output]
+        if features:  # in row order, as the placeholders consume them
+            merged["mm_encoder_outputs"][modality] = BaseModelOutputWithPooling(pooler_output=tuple(features))
+    return merged
 
 
 @torch.no_grad()
-def generate_group(model, batch, G: int, tokenizer, max_new_tokens: int = 768, temperature: float = 1.0,
-                   top_p: float = 0.95, seeds: list[int] | None = None, eos_token: str = "<|im_end|>",
-                   min_new_tokens: int = 0) -> Rollout:
-    """G sampled completions for each of the B prompts of `batch` (a data.Collator output).
+def generate_groups(model, batches: list[dict], G: int, tokenizer, max_new_tokens: int = 768,
+                    temperature: float = 1.0, top_p: float = 0.95, seeds: list[int] | None = None,
+                    eos_token: str = "<|im_end|>", min_new_tokens: int = 0) -> list[Rollout]:
+    """G sampled completions for every prompt of `batches` (data.Collator outputs), one Rollout per batch,
+    all rows decoded in ONE `generate` call. `seeds`: one per prompt, in batch order (None: drawn from
+    the global RNG).
 
-    HF `generate` has no per-row generator, so prompts are generated one at a time (G rows each)
-    under `torch.manual_seed(seeds[b])` inside a forked RNG, from the prompt without its left
-    padding: prompt b's samples depend on seeds[b] alone, not on batch composition or rank."""
+    HF `generate` has no per-row generator, so it runs greedy over SeededSampler's noisy scores: sample
+    g of a prompt with seed s reads only the generator seeded with row_seed(s, g). Rows of different
+    prompts are left-padded to a common length; padding is masked, so a row's logits do not depend on its
+    neighbours up to float rounding, and a sample can differ between batch compositions only where two
+    tokens' noisy scores are within that rounding (never seen in fp32 on the toy; bf16 rounds more)."""
     tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor works too
     eos = tokenizer.convert_tokens_to_ids(eos_token)
     pad = model.generation_config.pad_token_id
     pad = tokenizer.pad_token_id if pad is None else pad
-    B = batch["input_ids"].shape[0]
-    assert seeds is None or len(seeds) == B, f"{len(seeds)} seeds for {B} prompts"
+    sizes = [b["input_ids"].shape[0] for b in batches]
+    if seeds is None:
+        seeds = torch.randint(2 ** 62, (sum(sizes),)).tolist()
+    assert len(seeds) == sum(sizes), f"{len(seeds)} seeds for {sum(sizes)} prompts"
+    if not batches:
+        return []
     # a sampled image/video placeholder would claim vision features in every later forward
     placeholders = [getattr(model.config, token) for _, _, token in MODALITIES.values()]
-    mm = encode_vision(model, batch)
-    device = batch["input_ids"].device
-    completions = []
+    mms = [encode_vision(model, b) for b in batches]  # one tower call per batch, as every later pass makes
+    share = getattr(model.generation_config, "cache_implementation", None) is None  # else generate makes the cache
+    prompts = _merge_rows([select_prompts(model, b, mm, list(range(B)) if share else [p for p in range(B) for _ in range(G)])
+                           for b, mm, B in zip(batches, mms, sizes)], pad)
+    rows = {k: prompts[k].repeat_interleave(G, 0) for k in ("input_ids", "attention_mask", "mm_token_type_ids")} \
+        if share else prompts
+    sampler = SeededSampler([row_seed(s, g) for s in seeds for g in range(G)], temperature, top_p,
+                            rows["input_ids"].device, max_new_tokens)
     with gathered(model):
-        for b in range(B):
-            inputs = select_prompts(model, batch, mm, [b])
-            keep = inputs["attention_mask"][0].bool()  # drop left padding: rows must not depend on the batch
-            for k in ("input_ids", "attention_mask", "mm_token_type_ids"):
-                inputs[k] = inputs[k][:, keep]
-            with _seeded(None if seeds is None else seeds[b], device):
-                out = model.generate(**inputs, do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
-                                     repetition_penalty=1.0, max_new_tokens=max_new_tokens, num_return_sequences=G,
-                                     min_new_tokens=min_new_tokens,  # > 0 only for benchmarks
-                                     eos_token_id=eos, pad_token_id=pad, synced_gpus=False,
-                                     suppress_tokens=placeholders)
-            completions.append(out[:, int(keep.sum()):])  # (G, T_b)
-    T = max(c.shape[1] for c in completions)
-    ids = torch.cat([F.pad(c, (0, T - c.shape[1]), value=pad) for c in completions])  # (N, T)
-    mask, truncated = completion_mask(ids, eos)
-    texts = [tokenizer.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(ids, mask)]
-    index = torch.arange(B, device=device).repeat_interleave(G)  # (N,)
-    return Rollout(batch, index, ids, mask, truncated, texts, mm, vision_calls=1 if mm else 0)
+        if share:
+            rows["past_key_values"] = _shared_prefill(model, prompts, G)
+        out = model.generate(**rows, do_sample=False, logits_processor=LogitsProcessorList([sampler]),
+                             temperature=None, top_p=None, top_k=None,  # sampling is the sampler's
+                             repetition_penalty=1.0, max_new_tokens=max_new_tokens,
+                             min_new_tokens=min_new_tokens,  # > 0 only for benchmarks
+                             eos_token_id=eos, pad_token_id=pad, synced_gpus=False, suppress_tokens=placeholders)
+    completions = out[:, rows["input_ids"].shape[1]:]  # (sum(B) * G, T)
+    rollouts, at = [], 0
+    for batch, mm, B in zip(batches, mms, sizes):
+        ids = completions[at:at + B * G]
+        at += B * G
+        mask, truncated = completion_mask(ids, eos)
+        T = int(mask.sum(-1).max())  # the length this batch alone would have run to
+        ids, mask = ids[:, :T], mask[:, :T]
+        texts = [tokenizer.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(ids, mask)]
+        index = torch.arange(B, device=ids.device).repeat_interleave(G)  # (B*G,)
+        rollouts.append(Rollout(batch, index, ids, mask, truncated, texts, mm, vision_calls=1 if mm else 0))
+    return rollouts
+
+
+def _shared_prefill(model, prompts: dict, G: int):
+    """The KV cache of every prompt token but the last, computed once per prompt and repeated for its G rows.
+
+    `generate` would expand the prompt to G rows before its prefill (G times the prompt's work); here
+    it continues from this cache and runs only the last prompt token per row. The 3D rope offsets
+    (`rope_deltas`) the prefill stores are repeated alike: `generate` reads them for the later tokens."""
+    keep = ("input_ids", "attention_mask", "mm_token_type_ids")
+    inputs = {k: v[:, :-1] if k in keep else v for k, v in prompts.items()}  # the last token is text, never vision
+    grids = {k: inputs[k] for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts") if k in inputs}
+    # explicit positions, as in completion_logprobs: never the rope_deltas an earlier call left on the model
+    position_ids, deltas = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
+                                                      attention_mask=inputs["attention_mask"], **grids)  # (3, B, P-1)
+    cache = model(**inputs, position_ids=position_ids, use_cache=True, logits_to_keep=1).past_key_values
+    cache.batch_repeat_interleave(G)
+    model.model.rope_deltas = deltas.repeat_interleave(G, 0)  # (B*G, 1)
+    return cache
+
+
+def generate_group(model, batch, G: int, tokenizer, **kwargs) -> Rollout:
+    """G sampled completions for each of the B prompts of `batch` (a data.Collator output):
+    generate_groups with one batch (keyword arguments and seeding as there)."""
+    return generate_groups(model, [batch], G, tokenizer, **kwargs)[0]
 
 
 def token_logprobs(hidden: torch.Tensor, lm_head, targets: torch.Tensor, chunk_size: int = 512,

@@ -26,6 +26,10 @@ Phase "group" (the training path, grpo_care.main's step with CARE):
   token, causal attention, the LM head on completion positions only, the vision tower once) divided by
   its time and the peak dense bf16 FLOP/s. Gradient checkpointing's recompute is not counted (MFU, not HFU);
 * peak GPU memory of each phase.
+Phase "sweep" (with "group", on the same FSDP2 policy): generation time of P = 1, 2, 4, 8 prompts per process
+(`--sweep_prompts`; the same prompt P times, each with its own seed, --sweep_tokens new tokens per row, EOS
+suppressed), all P x G rows in one rollout.generate_groups call, as the training loop decodes them; the
+ratio to P = 1 is the figure (on a memory-bound GPU, 4x the rows should cost far less than 4x the time).
 Phase "decode": the same generate_group on a plain bf16 copy (no FSDP), eager with the dynamic cache and
 with `cache_implementation="static"`, for which transformers compiles the decode step (CUDA graphs):
 the lever the training path does not use yet.
@@ -311,6 +315,18 @@ def run_group(a, path, batch, device, clock, res):
     res["decode"]["training path (FSDP2, eager, dynamic cache)"] = decode_figures(
         seconds["generation"], t_prefill, G, T, 2 * counts["text_params"], kv_bytes_per_token, P,
         res["peak_bandwidth"], res["copy_bandwidth"])
+    if "sweep" in a.phases:
+        policy.eval()
+        n = a.sweep_tokens
+        sweep = lambda k: rollout.generate_groups(policy, [batch] * k, G, processor, max_new_tokens=n,
+                                                  temperature=cfg.temperature, top_p=cfg.top_p, seeds=list(range(k)),
+                                                  min_new_tokens=n)
+        clock(lambda: sweep(1))  # warm-up at these shapes
+        res["sweep"] = {}
+        for k in a.sweep_prompts:
+            ros, t, mem = clock(lambda: sweep(k))
+            assert all(int(ro.completion_mask.sum()) == G * n for ro in ros), "EOS was not suppressed"
+            res["sweep"][str(k)] = dict(rows=k * G, new_tokens=n, seconds=t, peak_memory_gib=mem)
 
 
 def run_decode(a, path, batch, device, clock, res):
@@ -417,6 +433,14 @@ def render(res: dict) -> str:
             lines.append(f"| {name} | {d['tokens_per_s']:.0f} | {d['decode_seconds']:.2f} | {f2(d['roofline_seconds'])} "
                          f"| **{pct(d['roofline_fraction'])}** | {pct(d['copy_roofline_fraction'])} |")
     lines += ["", "Decode goal: 50 % of the roofline."]
+    if res.get("sweep"):
+        sw = res["sweep"]
+        base = sw[min(sw, key=int)]["seconds"]
+        lines += ["", f"Generation against prompts per process (training path, one generate_groups call, "
+                  f"{next(iter(sw.values()))['new_tokens']} new tokens per row):", "",
+                  "| prompts | rows | seconds | vs fewest | peak GiB |", "|---|---|---|---|---|"]
+        lines += [f"| {k} | {d['rows']} | {d['seconds']:.2f} | {d['seconds'] / base:.2f}x | {f2(d['peak_memory_gib'])} |"
+                  for k, d in sw.items()]
     return "\n".join(lines)
 
 
@@ -432,7 +456,10 @@ def main():
     p.add_argument("--dry-run", dest="dry_run", action="store_true", help="CPU, tiny config, 4 tokens (CI)")
     p.add_argument("--out", default="gpu.json", help="where the JSON goes")
     p.add_argument("--report", nargs="+", metavar="JSON", help="render these result files into BENCHMARKS.md, run nothing")
-    p.add_argument("--phases", default="group,decode", help="group (the training path), decode (the levers)")
+    p.add_argument("--phases", default="group,sweep,decode",
+                   help="group (the training path), sweep (prompts per process, needs group), decode (the levers)")
+    p.add_argument("--sweep_prompts", type=int, nargs="*", default=[1, 2, 4, 8], help="prompts per process to time")
+    p.add_argument("--sweep_tokens", type=int, default=None, help="new tokens per row in the sweep, default 128 (dry run: 4)")
     p.add_argument("--G", type=int, default=8)
     p.add_argument("--max_new_tokens", type=int, default=None, help="default 768 (dry run: 4)")
     p.add_argument("--warmup_tokens", type=int, default=16, help="tokens of the warm-up group")
@@ -447,13 +474,15 @@ def main():
         res = {}
         for f in a.report:  # later files add phases (e.g. group and decode taken in two runs)
             r = json.loads(Path(f).read_text())
-            res = {**res, **r, "decode": {**res.get("decode", {}), **r.get("decode", {})}}
+            res = {**res, **r, "decode": {**res.get("decode", {}), **r.get("decode", {})},
+                   "sweep": {**res.get("sweep", {}), **r.get("sweep", {})}}
         section = render(res)
         write_benchmarks(section, "python bench/gpu.py --report " + " ".join(a.report))
         print(section)
         return
     a.max_new_tokens = a.max_new_tokens or (4 if a.dry_run else 768)
     a.frames = a.frames or (4 if a.dry_run else 16)
+    a.sweep_tokens = a.sweep_tokens or (4 if a.dry_run else 128)
     a.warmup_tokens = min(a.warmup_tokens, a.max_new_tokens)
     main_bench(a)
 

@@ -1,13 +1,15 @@
 """Benchmark (not a test): one RL step of ours vs one step of TRL's `GRPOTrainer`, side by side on CPU.
 
     python3 -m venv .venv-bench && .venv-bench/bin/pip install -r requirements.txt -r bench/requirements.txt
-    .venv-bench/bin/python bench/vs_trl.py                 # both vocabularies, ~7 min on 2 cores; writes BENCHMARKS.md
-    .venv-bench/bin/python bench/vs_trl.py --vocab toy --no_write
+    .venv-bench/bin/python bench/vs_trl.py                 # both vocabularies, 1 and 4 prompts per step; writes BENCHMARKS.md
+    .venv-bench/bin/python bench/vs_trl.py --vocab toy --no_write              # ~6 min on 2 cores
+    .venv-bench/bin/python bench/vs_trl.py --vocab toy --prompts 4 --no_write
 
 TRL is installed only for this benchmark, in its own venv (bench/requirements.txt); the project never
 imports it. Both sides get the same tiny Qwen2.5-VL (toy.py; at the toy vocabulary of 704 and at the
 real 152,064 on the same hidden size 64), the same image-only prompts (toy images upscaled to the
-reference's 448x448 image budget: 256 vision tokens), G = 8, one prompt per step, fp32 on CPU,
+reference's 448x448 image budget: 256 vision tokens), G = 8, 1 and 4 prompts per step (`--prompts`; TRL:
+per_device_train_batch_size = prompts x G), fp32 on CPU,
 exactly `--max_new_tokens` sampled tokens per completion (EOS suppressed by min_new_tokens on both
 sides), beta = 0 and no reference model, one update per rollout, AdamW, no gradient checkpointing,
 the same thread count and seed. Each side runs in its own subprocess (so one side's allocations
@@ -16,8 +18,10 @@ cannot show up in the other's peak RSS): a warm-up step, then `--steps` timed st
 Ours is built from the project's own pieces, the same calls as grpo_care.main's loop with
 use_care=False: grpo_care.load_model (FSDP2 over a 1-process gloo group), data.Collator,
 rollout.generate_group / encode_vision / completion_logprobs, rewards, grpo_care.policy_loss, AdamW.
-Its step splits into generation (vision + sampling), log-probs (vision with gradient + the completion
-log-prob forward) and update (backward, clipping, optimizer step).
+With P prompts per step, ours decodes the P x G rows in one `generate_groups` call and accumulates the P
+prompts' gradients (loss / P each), as the loop does. Its step splits into generation (vision + sampling),
+log-probs (vision with gradient + the completion log-prob forward) and update (backward, clipping,
+optimizer step).
 
 Defaults the issue leaves open: 1 torch thread per side (on a shared 2-core machine, 2 threads time
 OpenMP barriers waiting for descheduled partners, not work) and top-p 1.0, TRL's default (HF's top-p
@@ -53,11 +57,11 @@ def _rss_mb(field: str) -> float:
     raise KeyError(field)
 
 
-def trl_config(a, output_dir: str):
+def trl_config(a, output_dir: str, prompts: int):
     """TRL's side, every setting that matters to cost spelled out (and printed) so the match can be checked."""
     return dict(
         output_dir=output_dir, use_cpu=True, bf16=False, fp16=False, seed=a.seed,
-        per_device_train_batch_size=a.G, gradient_accumulation_steps=1, num_generations=a.G,  # 1 prompt x G
+        per_device_train_batch_size=prompts * a.G, gradient_accumulation_steps=1, num_generations=a.G,  # P x G
         max_completion_length=a.max_new_tokens, generation_kwargs={"min_new_tokens": a.max_new_tokens},
         temperature=1.0, top_p=a.top_p, top_k=0, repetition_penalty=1.0,
         use_vllm=False, loss_type="grpo", beta=0.0, num_iterations=1, epsilon=0.2, scale_rewards="group",
@@ -90,32 +94,41 @@ def run_ours(a, examples):
     collate = Collator(processor, VisionSpec())  # the reference's image budget: 448x448 stays 448x448
     G, T = cfg.num_generations, cfg.max_new_tokens
 
-    def step(s, ex):
+    def step(s, exs):
         t0, c0 = time.perf_counter(), time.process_time()
         policy.eval()
-        batch, _ = collate([ex])
-        ro = rollout.generate_group(policy, batch, G, processor, max_new_tokens=T, temperature=cfg.temperature,
-                                    top_p=cfg.top_p, seeds=[grpo_care.sample_seed(cfg.seed, s, ex["id"])],
-                                    min_new_tokens=T)  # every completion exactly T tokens
-        assert int(ro.completion_mask.sum()) == G * T, "min_new_tokens did not force T tokens per completion"
-        acc_r = torch.tensor(accuracy_reward(ro.texts, [ex["solution"]] * G)).view(1, G)  # (1, G)
-        fmt_r = torch.tensor(format_reward(ro.texts)).view(1, G)  # (1, G)
-        advantages = group_advantages(total_reward(acc_r, fmt_r)).view(G)  # (G,)
+        batches = [collate([ex])[0] for ex in exs]  # one batch per prompt, as the loop collates
+        ros = rollout.generate_groups(policy, batches, G, processor, max_new_tokens=T, temperature=cfg.temperature,
+                                      top_p=cfg.top_p, seeds=[grpo_care.sample_seed(cfg.seed, s, ex["id"]) for ex in exs],
+                                      min_new_tokens=T)  # every completion exactly T tokens
+        assert all(int(ro.completion_mask.sum()) == G * T for ro in ros), "min_new_tokens did not force T tokens"
+        advantages = []
+        for ex, ro in zip(exs, ros):
+            acc_r = torch.tensor(accuracy_reward(ro.texts, [ex["solution"]] * G)).view(1, G)  # (1, G)
+            fmt_r = torch.tensor(format_reward(ro.texts)).view(1, G)  # (1, G)
+            advantages.append(group_advantages(total_reward(acc_r, fmt_r)).view(G))  # (G,)
         t1 = time.perf_counter()
         policy.train()
-        mm = rollout.encode_vision(policy, batch)
-        logps = rollout.completion_logprobs(policy, ro, mm, chunk_size=cfg.logprob_chunk)  # (G, T)
-        loss, _ = grpo_care.policy_loss(logps, logps.detach(), advantages, ro.completion_mask, cfg.clip_eps)
+        t_logprobs = t_backward = 0.0
+        for batch, ro, adv in zip(batches, ros, advantages):  # gradients accumulate over the prompts
+            ta = time.perf_counter()
+            mm = rollout.encode_vision(policy, batch)
+            logps = rollout.completion_logprobs(policy, ro, mm, chunk_size=cfg.logprob_chunk)  # (G, T)
+            loss, _ = grpo_care.policy_loss(logps, logps.detach(), adv, ro.completion_mask, cfg.clip_eps)
+            tb = time.perf_counter()
+            (loss / len(exs)).backward()
+            t_logprobs, t_backward = t_logprobs + tb - ta, t_backward + time.perf_counter() - tb
         t2 = time.perf_counter()
-        loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         t3 = time.perf_counter()
-        return dict(step=t3 - t0, cpu=time.process_time() - c0, generation=t1 - t0, logprobs=t2 - t1, update=t3 - t2,
-                    prompt_tokens=batch["input_ids"].shape[1], completion_tokens=T)
+        return dict(step=t3 - t0, cpu=time.process_time() - c0, generation=t1 - t0, logprobs=t_logprobs,
+                    update=t_backward + t3 - t2, completion_tokens=T,
+                    prompt_tokens=round(sum(b["input_ids"].shape[1] for b in batches) / len(batches)))
 
-    return lambda: [step(s, ex) for s, ex in enumerate(examples)]
+    P = a.prompts
+    return lambda: [step(s, examples[s * P:(s + 1) * P]) for s in range(len(examples) // P)]
 
 
 def run_trl(a, examples):
@@ -157,7 +170,7 @@ def run_trl(a, examples):
             return out
 
     generation, timer = [], StepTimer()
-    trainer = TimedGRPOTrainer(model=model, reward_funcs=[accuracy, format_], args=GRPOConfig(**trl_config(a, a.out)),
+    trainer = TimedGRPOTrainer(model=model, reward_funcs=[accuracy, format_], args=GRPOConfig(**trl_config(a, a.out, a.prompts)),
                                train_dataset=Dataset.from_list(rows), processing_class=processor, callbacks=[timer])
 
     def steps():
@@ -165,9 +178,9 @@ def run_trl(a, examples):
         logs = [h for h in trainer.state.log_history if "num_tokens" in h]
         assert all(h["completions/min_length"] == a.max_new_tokens == h["completions/max_length"] for h in logs), \
             "min_new_tokens did not force T tokens per completion"
-        seen = [0] + [h["num_tokens"] for h in logs]  # cumulative prompt + completion tokens of the G rows
+        seen = [0] + [h["num_tokens"] for h in logs]  # cumulative prompt + completion tokens of the P x G rows
         return [dict(step=t, cpu=c, generation=g, loss_and_update=t - g, completion_tokens=a.max_new_tokens,
-                     prompt_tokens=round((n1 - n0) / a.G) - a.max_new_tokens)
+                     prompt_tokens=round((n1 - n0) / (a.prompts * a.G) - a.max_new_tokens))
                 for (t, c), g, n0, n1 in zip(timer.times, generation, seen, seen[1:])]
 
     return steps
@@ -178,7 +191,10 @@ def child(a):
 
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
-    examples = json.loads(Path(a.examples).read_text())[:a.warmup + a.steps]
+    if len(a.prompts) != 1:
+        raise SystemExit(f"--side runs one --prompts value, not {a.prompts}")
+    (a.prompts,) = a.prompts
+    examples = json.loads(Path(a.examples).read_text())[:(a.warmup + a.steps) * a.prompts]
     steps = (run_ours if a.side == "ours" else run_trl)(a, examples)
     setup_peak, base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, _rss_mb("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS: peak of the steps
@@ -202,7 +218,7 @@ def prepare(tmp: Path, a) -> tuple[Path, dict]:
     import toy
     from data import load_examples
 
-    world = toy.build(tmp / "toy", seed=a.seed, n_train=a.warmup + a.steps, n_val=1)
+    world = toy.build(tmp / "toy", seed=a.seed, n_train=(a.warmup + a.steps) * max(a.prompts), n_val=1)
     examples = load_examples(world / "data/annotations/training_6k.jsonl", world / "data", a.seed)
     (tmp / "images").mkdir()
     for ex in examples:  # nearest: the toy's flat colours stay flat, the prompt becomes 256 vision tokens
@@ -223,10 +239,11 @@ def prepare(tmp: Path, a) -> tuple[Path, dict]:
     return tmp / "examples.json", models
 
 
-def run_side(side: str, model: Path, examples: Path, a, out: Path) -> dict:
+def run_side(side: str, model: Path, examples: Path, a, out: Path, P: int) -> dict:
     cmd = [sys.executable, __file__, "--side", side, "--model", str(model), "--examples", str(examples),
            "--out", str(out), *sum(([f"--{k}", str(getattr(a, k))] for k in
-                                    ("G", "max_new_tokens", "top_p", "steps", "warmup", "threads", "seed")), [])]
+                                    ("G", "max_new_tokens", "top_p", "steps", "warmup", "threads", "seed")), []),
+           "--prompts", str(P)]
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(a.threads))
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert res.returncode == 0, f"{side} failed:\n{res.stderr[-4000:]}"
@@ -255,28 +272,28 @@ def report(results: dict, a, load: tuple, versions: dict) -> str:
     lines = [f"Run {time.strftime('%Y-%m-%d')} on {cpu_name()}, {os.cpu_count()} cores, {a.threads} torch thread(s) per "
              f"side, the sides one after the other; load average {load[0]:.2f} before, {load[1]:.2f} after (other jobs "
              f"shared the machine). {versions}.", "",
-             f"Tiny Qwen2.5-VL (hidden 64, 2 layers, toy vision tower), fp32, G = {a.G}, one image prompt per step "
+             f"Tiny Qwen2.5-VL (hidden 64, 2 layers, toy vision tower), fp32, G = {a.G}, image prompts "
              f"({a.image_px}x{a.image_px} px: 256 vision tokens), exactly {a.max_new_tokens} new tokens per completion, "
              f"top-p {a.top_p}; median of {a.steps} steps after {a.warmup} warm-up.", "",
-             "| vocab | prompt tokens | ours step s | TRL step s | **time ours/TRL** | CPU time ours/TRL | ours peak RSS MB "
-             "| TRL peak RSS MB | **peak RSS ours/TRL** | step extra MB, ours / TRL |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for vocab, (ours, trl, c) in results.items():
-        lines.append(f"| {REAL_VOCAB if vocab == 'real' else 704:,} | {min(ours['prompt_tokens'])}-{max(ours['prompt_tokens'])} "
+             "| vocab | prompts per step | prompt tokens | ours step s | TRL step s | **time ours/TRL** | CPU time ours/TRL | ours peak RSS MB "
+             "| TRL peak RSS MB | **peak RSS ours/TRL** | step extra MB, ours / TRL |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (vocab, P), (ours, trl, c) in results.items():
+        lines.append(f"| {REAL_VOCAB if vocab == 'real' else 704:,} | {P} | {min(ours['prompt_tokens'])}-{max(ours['prompt_tokens'])} "
                      f"| {ours['median']['step']:.2f} | {trl['median']['step']:.2f} | **{c['time_ratio']:.2f}** "
                      f"| {c['cpu_ratio']:.2f} | {c['ours_peak']:.0f} | {c['trl_peak']:.0f} | **{c['rss_ratio']:.2f}** "
                      f"| {c['ours_extra']:.0f} / {c['trl_extra']:.0f} ({c['extra_ratio']:.2f}) |")
     lines += ["", "Where the time goes (medians, seconds). Generation: prompt processing, vision, sampling, rewards. "
               "Ours then: log-probs = vision with gradient + completion log-prob forward; update = backward, clipping, "
               "AdamW. TRL: its loss forward, backward, clipping, AdamW.", "",
-              "| vocab | ours generation | ours log-probs | ours update | TRL generation | TRL loss + update "
-              "| generation ours/TRL | after generation ours/TRL |", "|---|---|---|---|---|---|---|---|"]
-    for vocab, (ours, trl, c) in results.items():
+              "| vocab | prompts per step | ours generation | ours log-probs | ours update | TRL generation "
+              "| TRL loss + update | generation ours/TRL | after generation ours/TRL |", "|---|---|---|---|---|---|---|---|---|"]
+    for (vocab, P), (ours, trl, c) in results.items():
         m, t = ours["median"], trl["median"]
         rest = m["logprobs"] + m["update"]
-        lines.append(f"| {REAL_VOCAB if vocab == 'real' else 704:,} | {m['generation']:.2f} | {m['logprobs']:.2f} "
+        lines.append(f"| {REAL_VOCAB if vocab == 'real' else 704:,} | {P} | {m['generation']:.2f} | {m['logprobs']:.2f} "
                      f"| {m['update']:.2f} | {t['generation']:.2f} | {t['loss_and_update']:.2f} "
                      f"| {m['generation'] / t['generation']:.2f} | {rest / t['loss_and_update']:.2f} |")
-    cfg = {k: v for k, v in trl_config(a, "<tmp>").items() if k not in ("output_dir", "logging_steps", "save_strategy",
+    cfg = {k: v for k, v in trl_config(a, "<tmp>", 1).items() if k not in ("output_dir", "logging_steps", "save_strategy",
                                                                       "report_to", "disable_tqdm", "log_completions")}
     lines += ["", "CPU time: the process's user + system seconds per step (time.process_time), less sensitive than wall "
               "time to other jobs on the machine.", "",
@@ -284,7 +301,8 @@ def report(results: dict, a, load: tuple, versions: dict) -> str:
               "peak during the steps minus the RSS just before them (VmHWM reset through /proc/self/clear_refs).", "",
               "TRL's side: `GRPOTrainer(model=<the same Qwen2_5_VLForConditionalGeneration, fp32, sdpa>, "
               "reward_funcs=[accuracy, format] (rewards.py), processing_class=<the same processor>, "
-              "train_dataset=<the same prompts, conversational, with an image column>, args=GRPOConfig(**cfg))` with",
+              "train_dataset=<the same prompts, conversational, with an image column>, args=GRPOConfig(**cfg))` with "
+              "per_device_train_batch_size = prompts per step x G and",
               "", "```", json.dumps(cfg), "```"]
     return "\n".join(lines)
 
@@ -304,6 +322,7 @@ def main():
     p.add_argument("--max_new_tokens", type=int, default=64, help="forced length of every completion")
     p.add_argument("--steps", type=int, default=5, help="timed steps per side (median), after the warm-up")
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--prompts", type=int, nargs="+", default=[1, 4], help="prompts per step, each run separately")
     p.add_argument("--top_p", type=float, default=1.0, help="1.0 = TRL's default (no vocabulary sort per token)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per side (see the docstring)")
     p.add_argument("--seed", type=int, default=0)
@@ -329,15 +348,16 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         examples, models = prepare(Path(tmp), a)
         for vocab, model in models.items():
-            ours = run_side("ours", model, examples, a, Path(tmp) / f"ours_{vocab}")
-            theirs = run_side("trl", model, examples, a, Path(tmp) / f"trl_{vocab}")
-            results[vocab] = (ours, theirs, compare(ours, theirs))
-            c = results[vocab][2]
-            print(f"vocab {vocab}: step time ours/TRL = {c['time_ratio']:.2f} ({ours['median']['step']:.2f} s vs "
-                  f"{theirs['median']['step']:.2f} s; CPU time {c['cpu_ratio']:.2f}), peak RSS ours/TRL = {c['rss_ratio']:.2f} "
-                  f"({c['ours_peak']:.0f} vs {c['trl_peak']:.0f} MB), step extra ours/TRL = {c['extra_ratio']:.2f}; "
-                  f"ours: generation {ours['median']['generation']:.2f} s, log-probs {ours['median']['logprobs']:.2f} s, "
-                  f"update {ours['median']['update']:.2f} s", flush=True)
+            for P in a.prompts:
+                ours = run_side("ours", model, examples, a, Path(tmp) / f"ours_{vocab}_{P}", P)
+                theirs = run_side("trl", model, examples, a, Path(tmp) / f"trl_{vocab}_{P}", P)
+                results[vocab, P] = (ours, theirs, compare(ours, theirs))
+                c = results[vocab, P][2]
+                print(f"vocab {vocab}, {P} prompt(s) per step: step time ours/TRL = {c['time_ratio']:.2f} ({ours['median']['step']:.2f} s vs "
+                      f"{theirs['median']['step']:.2f} s; CPU time {c['cpu_ratio']:.2f}), peak RSS ours/TRL = {c['rss_ratio']:.2f} "
+                      f"({c['ours_peak']:.0f} vs {c['trl_peak']:.0f} MB), step extra ours/TRL = {c['extra_ratio']:.2f}; "
+                      f"ours: generation {ours['median']['generation']:.2f} s, log-probs {ours['median']['logprobs']:.2f} s, "
+                      f"update {ours['median']['update']:.2f} s", flush=True)
     section = report(results, a, (load0, os.getloadavg()[0]), versions)
     print(section)
     if not a.no_write:

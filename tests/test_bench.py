@@ -51,6 +51,8 @@ def test_gpu_dry_run(tmp_path):
     assert r["vision"] == dict(patches=48, window_patches=64, group_patches=[16, 16, 16])
     assert r["kv_bytes_per_token"] == 2 * 2 * 2 * 16 * 2  # K and V x 2 layers x 2 kv heads x head dim 16 x bf16
     assert r["train"]["flops"] > 0 and r["train"]["mfu"] is None  # no peak FLOP/s known for a CPU
+    assert list(r["sweep"]) == ["1", "2", "4", "8"] and [d["rows"] for d in r["sweep"].values()] == [8, 16, 32, 64]
+    assert all(d["seconds"] > 0 for d in r["sweep"].values())
     assert len(r["decode"]) == 3 and all("error" not in d and d["tokens_per_s"] > 0 for d in r["decode"].values()), r["decode"]
     # the JSON renders into BENCHMARKS.md between the markers and nowhere else
     md = tmp_path / "BENCHMARKS.md"
@@ -58,7 +60,7 @@ def test_gpu_dry_run(tmp_path):
     gpu.write_benchmarks(gpu.render(r), "cmd", md)
     text = md.read_text()
     assert text.startswith("# B\nbefore\n") and text.endswith(f"{gpu.END}\nafter\n") and "old figures" not in text
-    assert "static cache, compiled" in text and "cpu (dry run)" in text
+    assert "static cache, compiled" in text and "cpu (dry run)" in text and "| 8 | 64 |" in text
 
 
 def test_vs_trl_says_how_to_install_trl():
@@ -72,13 +74,14 @@ def test_vs_trl_says_how_to_install_trl():
 def test_vs_trl_our_side(toy_world, tmp_path):
     from data import load_examples
 
-    examples = load_examples(toy_world / "data/annotations/training_6k.jsonl", toy_world / "data")[:2]
+    examples = load_examples(toy_world / "data/annotations/training_6k.jsonl", toy_world / "data")[:4]
     for ex in examples:
         ex["video"] = None  # image-only, as TRL's side gets them
     (tmp_path / "ex.json").write_text(json.dumps(examples))
     cmd = [sys.executable, str(ROOT / "bench/vs_trl.py"), "--side", "ours", "--model", str(toy_world / "model"),
            "--examples", str(tmp_path / "ex.json"), "--out", str(tmp_path), "--G", "2", "--max_new_tokens", "4",
-           "--top_p", "1.0", "--steps", "1", "--warmup", "1", "--threads", "1", "--seed", "0"]
+           "--top_p", "1.0", "--steps", "1", "--warmup", "1", "--threads", "1", "--seed", "0",
+           "--prompts", "2"]  # 2 steps of 2 prompts: one generate call for 2 x 2 rows
     res = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
     r = json.loads(res.stdout.strip().splitlines()[-1])

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 
 from data import Collator, load_examples
 from rewards import parse_answer
-from rollout import (Rollout, answer_span_mask, completion_logprobs, completion_mask, encode_vision,
-                     generate_group, select_prompts, token_logprobs)
+from rollout import (Rollout, SeededSampler, answer_span_mask, completion_logprobs, completion_mask, encode_vision,
+                     generate_group, generate_groups, select_prompts, token_logprobs)
 
 G = 2
 
@@ -107,6 +107,65 @@ def test_seeded_samples_do_not_depend_on_batch(rollout, prompts, toy_model, toy_
     assert torch.equal(again.completion_ids, rollout.completion_ids[4:6, :T])
     other = generate_group(model, alone, G, processor, max_new_tokens=6, seeds=[14])
     assert not torch.equal(other.completion_ids, again.completion_ids)
+
+
+def test_batches_decoded_together_sample_as_alone(rollout, prompts, toy_model, toy_vision):
+    """Prompts split over two batches, decoded in one call: each batch's rows equal the 3-prompt batch's."""
+    model, processor = toy_model
+    _, kept = prompts
+    collate = Collator(processor, toy_vision)
+    (first, _), (second, _) = collate(kept[:2]), collate(kept[2:])
+    a, b = generate_groups(model, [first, second], G, processor, max_new_tokens=6, seeds=[11, 12, 13])
+    assert a.prompt_index.tolist() == [0, 0, 1, 1] and b.prompt_index.tolist() == [0, 0]
+    assert a.batch is first and b.batch is second and a.vision_calls == b.vision_calls == 1
+    for ro, rows in ((a, slice(0, 4)), (b, slice(4, 6))):
+        T = ro.completion_ids.shape[1]  # each batch's own length: its rows' longest completion
+        assert T == int(ro.completion_mask.sum(-1).max())
+        assert torch.equal(ro.completion_ids, rollout.completion_ids[rows, :T])
+        assert torch.equal(ro.truncated, rollout.truncated[rows])
+    assert not torch.equal(rollout.completion_ids[0], rollout.completion_ids[1]), "the G rows draw their own noise"
+
+
+def test_shared_prefill_samples_as_a_full_prefill(rollout, prompts, toy_model):
+    """The G rows continue from one prefill per prompt; with a cache generate builds itself (cache_implementation
+    set: the G rows prefilled one by one, the path a static cache takes) the samples are the same."""
+    model, processor = toy_model
+    before, model.generation_config.cache_implementation = model.generation_config.cache_implementation, "dynamic"
+    try:
+        full = generate_group(model, prompts[0], G, processor, max_new_tokens=6, seeds=[11, 12, 13])
+    finally:
+        model.generation_config.cache_implementation = before
+    assert torch.equal(full.completion_ids, rollout.completion_ids)
+
+
+@pytest.mark.parametrize("temperature, top_p, expected", [
+    # top-p 0.8 keeps the smallest set whose mass reaches 0.8 (HF's rule): 0.5 + 0.3, renormalised 0.625, 0.375
+    (1.0, 0.8, [0.625, 0.375, 0.0, 0.0]),
+    # temperature 2: p ** (1/2) = .7071, .5477, .3873, .2236, sum 1.8657 -> .379, .294, .208, .120
+    (2.0, 1.0, [0.379, 0.294, 0.208, 0.120]),
+])
+@pytest.mark.parametrize("candidates", [64, 1])  # 1: the top token's 0.5 < top-p, HF's full warper takes over
+def test_seeded_sampler_samples_the_filtered_softmax(temperature, top_p, expected, candidates):
+    scores = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()  # (1, V)
+    sampler = SeededSampler([0], temperature, top_p, torch.device("cpu"), max_new_tokens=7,  # draws 7 steps at a time
+                            candidates=candidates)
+    n = 4000  # sd of a frequency near 0.5: sqrt(.25 / 4000) = 0.008
+    picks = torch.stack([sampler(None, scores.clone()).argmax(-1) for _ in range(n)])
+    freq = torch.bincount(picks.view(-1), minlength=4).float() / n
+    torch.testing.assert_close(freq, torch.tensor(expected), atol=0.03, rtol=0)
+    again = SeededSampler([0], temperature, top_p, torch.device("cpu"), max_new_tokens=7, candidates=candidates)
+    assert [again(None, scores.clone()).argmax(-1).item() for _ in range(20)] == picks[:20].view(-1).tolist()
+
+
+def test_nucleus_equals_hf_top_p():
+    from transformers import TopPLogitsWarper
+
+    torch.manual_seed(0)
+    scores = torch.randn(6, 50) * 5  # (N, V) peaked enough that 8 candidates hold 0.9 of the mass in every row
+    sampler = SeededSampler([0] * 6, 1.0, 0.9, torch.device("cpu"), max_new_tokens=1, candidates=8)
+    assert (scores.softmax(-1).topk(8).values.sum(-1) >= 0.9).all(), "the fast path is taken"
+    ours, hf = sampler._nucleus(None, scores), TopPLogitsWarper(0.9)(None, scores)
+    assert torch.equal(ours.isinf(), hf.isinf()) and (~ours.isinf()).sum(-1).max() > 1, "a nucleus of several tokens"
 
 
 def test_min_new_tokens_holds_back_eos(prompts, toy_model):
