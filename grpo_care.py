@@ -188,9 +188,9 @@ class Config(MediaSystemConfig):
 # The toy world's sizes, applied with --toy (the default when --model_path is empty) to every field not
 # given on the command line. ./train.sh's default run passes --toy with the SFT warm start as model_path:
 # 60 steps of 4 prompts x 8 samples (one epoch of the toy's 240 rows), ~1 min on 2 CPU cores (at 40, GRPO
-# had not yet drifted far enough from the warm start for CARE's consistency gain to show in every seed). The fast EMA (every 2 steps,
-# decay 0.9) lets the reference move within so short a run; the paper's 0.995 every 10 steps is for
-# ~1,000 steps (a slower 0.975 gave the same bonus decisions, step for step, on the toy).
+# had not yet drifted far enough from the warm start for CARE's consistency gain to show in every seed).
+# The fast EMA (every 2 steps, decay 0.9) lets the reference move within so short a run; the paper's
+# 0.995 every 10 steps is for ~1,000 steps (a slower 0.975 gave the same bonus decisions, step for step).
 TOY_DEFAULTS = dict(shuffle_options=False, max_new_tokens=48, prompts_per_device=4, learning_rate=1e-4,
                     warmup_ratio=0.0, max_steps=60, save_steps=30, ref_ema_every=2, ref_ema_decay=0.9,
                     output_dir="outputs/toy")

@@ -226,8 +226,8 @@ def build_data(data: Path, seed: int = 0, n_train: int = 240, n_val: int = 200, 
     # Exactly round(fraction * eligible) rows of each flaw, drawn by their own generator so that the
     # rest of the world does not depend on the flaw settings. An orange row of the slip goal gets an orange flaw only.
     cot_rng = random.Random(f"{seed}/cot")
-    orange = [i for i, r in enumerate(train) if f" {COT_CONFUSION[0]} " in r["answer"]]
-    slip = [i for i, r in enumerate(train) if r["task_goal"] == COT_SLIP_GOAL and i not in orange]
+    orange = [i for i, r in enumerate(train) if flaw_class(r["question"], r["answer"]) == "orange"]
+    slip = [i for i, r in enumerate(train) if flaw_class(r["question"], r["answer"]) == "slip"]
     if misread + lucky > 1:
         raise ValueError(f"cot_misread {misread} + cot_lucky {lucky} > 1: both flaws draw from the orange rows")
     n_misread = round(misread * len(orange))

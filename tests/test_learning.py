@@ -36,7 +36,7 @@ def test_grpo_care_improves_on_the_sft_warm_start(tmp_path):
     # RL on the rows the teacher's flaws touch: every step's reward then measures the same thing
     # (with all rows, whether a step drew flawed or clean prompts swamps 40 steps of learning)
     rows = read_jsonl(world / "data/annotations/training_6k.jsonl")
-    flawed = [r for r in rows if f" {toy.COT_CONFUSION[0]} " in r["answer"] or r["task_goal"] == toy.COT_SLIP_GOAL]
+    flawed = [r for r in rows if toy.flaw_class(r["question"], r["answer"]) != "clean"]
     (world / "data/annotations/flawed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in flawed))
     rl = tmp_path / "rl"
     grpo_care.main(["--toy", "true", "--model_path", str(sft_dir), "--data_root", str(world / "data"),
