@@ -77,6 +77,9 @@ TYPE_INSTRUCTIONS = {  # the reference's per-type answer instruction, appended a
     "regression": _NUMBER,
 }
 LETTERS = "ABCD"
+# the general video benchmarks, as the reference's Video-R1-format files DATA_ROOT/Evaluation/eval_<stem>.json
+BENCHMARKS = {"vsibench": "VSI-Bench", "videommmu": "VideoMMMU", "mmvu": "MMVU", "mvbench": "MVBench",
+              "tempcompass": "TempCompass", "videomme": "VideoMME"}  # file stem -> name, the paper's order
 TRAIN_FIELDS = ("sample_id", "video_source", "question", "answer", "negative_answers",
                 "task_progress_metadata", "video_basename", "current_observation_basename")
 VALIDATION_FIELDS = ("sample_id", "video_source", "question", "answer", "task_progress_metadata", "video_basename",
@@ -122,11 +125,6 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
     return rows
-
-
-def read_rows(path: str | os.PathLike) -> list[dict]:
-    """Rows of a JSON list (Video-R1's .json) or of JSON lines, whichever the file holds."""
-    return [row for _, row in read_located_rows(path)]
 
 
 def read_located_rows(path: str | os.PathLike) -> list[tuple[str, dict]]:

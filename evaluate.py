@@ -85,13 +85,19 @@ from dataclasses import asdict
 from fractions import Fraction
 from pathlib import Path
 
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from tqdm import tqdm
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer,
+                          GenerationConfig)
+
 import toy
-from data import LETTERS, Collator, VisionSpec, load_examples
+from data import BENCHMARKS, LETTERS, Collator, VisionSpec, load_examples
+from infra import run_cli
 from rewards import format_reward, parse_answer, score_answer, to_number
 
 LEVELS = ("L1", "L2", "L3")
-BENCHMARKS = {"vsibench": "VSI-Bench", "videommmu": "VideoMMMU", "mmvu": "MMVU", "mvbench": "MVBench",
-              "tempcompass": "TempCompass", "videomme": "VideoMME"}  # eval file stem -> name, the paper's order
 _STANDALONE = re.compile(r"\b([A-D])\b")
 _THINK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
 _TOY_STEP = re.compile(r"the next step is to (.+?)\.")
@@ -267,11 +273,8 @@ def markdown(summary: dict, model: str) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # models
-def load_model(path: str, device):
+def load_eval_model(path: str, device):
     """(model.eval() on device, processor or tokenizer): Qwen-VL configs get the image-text class."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
-
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # the checkpoints' own bf16 on GPU
     if "_vl" in AutoConfig.from_pretrained(path).model_type:  # qwen2_vl, qwen2_5_vl
         model, proc = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype), AutoProcessor.from_pretrained(path)
@@ -282,8 +285,6 @@ def load_model(path: str, device):
 
 def make_judge(model, processor, batch_size: int = 8):
     """judge(questions, options, reasonings) -> letters: argmax of the next-token logits over A-D."""
-    import torch
-
     tok = getattr(processor, "tokenizer", processor)
     letter_ids = [tok.encode(x, add_special_tokens=False) for x in LETTERS]
     assert all(len(i) == 1 for i in letter_ids), f"judge tokenizer splits a letter: {letter_ids}"
@@ -312,8 +313,6 @@ def judge_prompt(question: str, options: list[str], reasoning: str) -> str:
 
 def evaluate_batch(model, processor, collator, gen_config, examples, level, toy_world, judge) -> list[dict]:
     """Generate for `examples`, score, judge. Unreadable samples come back as skipped records."""
-    import torch
-
     if not examples:
         return []
     before = collator.skipped
@@ -399,20 +398,14 @@ def main(argv=None):
     p.add_argument("--toy", action="store_true", help="toy world: toy media sizes and rule consistency")
     a = p.parse_args(argv)
 
-    import torch
-    from accelerate import Accelerator
-    from accelerate.utils import gather_object
-    from tqdm import tqdm
-    from transformers import GenerationConfig
-
     # cpu=True: on a CPU machine Accelerator forms no process group under a multi-process launch otherwise
     acc = Accelerator(cpu=not torch.cuda.is_available())
     out = Path(a.output_dir or Path(a.model_path) / ("eval_general" if a.benchmark else "eval_seed_bench_r1"))
     pred_path = out / "predictions.jsonl"
     vision = (VisionSpec(**toy.TOY_VISION) if a.toy else
               VisionSpec(video_fps=a.fps, video_max_frames=max_frames(a.max_frames, a.benchmark)))
-    model, processor = load_model(a.model_path, acc.device)
-    judge = None if a.benchmark else make_judge(*(load_model(a.judge_model, acc.device) if a.judge_model
+    model, processor = load_eval_model(a.model_path, acc.device)
+    judge = None if a.benchmark else make_judge(*(load_eval_model(a.judge_model, acc.device) if a.judge_model
                                                   else (model, processor)))
     collator = Collator(processor, vision)
     eos = model.generation_config.eos_token_id
@@ -464,6 +457,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from grpo_care import run_cli  # a bad data file: one line, no traceback
-
-    run_cli(main)
+    run_cli(main)  # a bad data file: one line, no traceback

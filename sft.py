@@ -7,10 +7,11 @@
 Each row of `annotations/training_with_cot_6k.jsonl` becomes the training prompt (data.py: same
 options, same shuffle, same media) followed by the target `<think>{cot}</think><answer>{X}</answer><|im_end|>`,
 where X is the letter at which the CoT's chosen option (`cot_answer`, else `answer`) lands in this
-epoch's shuffled options. A Video-R1 file (rows with `process`) works too: X is its solution. The loss is the mean cross-entropy over target tokens only (prompt: -100);
-<|im_end|> is a target, so the model learns to stop. Sharding and data split are grpo_care.py's: FSDP2
-for any process count, step s takes rows [s*B*world, (s+1)*B*world) of the epoch's order, this rank every
-world-th. The result is a `save_pretrained` directory (model + processor) in --output_dir.
+epoch's shuffled options. A Video-R1 file (rows with `process`) works too: X is its solution. The loss is
+the mean cross-entropy over target tokens only (prompt: -100); <|im_end|> is a target, so the model learns
+to stop. Config base, FSDP2 loading and run-dir checks are infra.py's, the data split grpo_care.py's: step s
+takes rows [s*B*world, (s+1)*B*world) of the epoch's order, this rank every world-th. The result is a
+`save_pretrained` directory (model + processor) in --output_dir.
 
 Departures, and why:
 - The vision tower runs once per batch on images and videos together (rollout.encode_vision), not once
@@ -23,14 +24,22 @@ Departures, and why:
 """
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.nn.utils.rnn import pad_sequence
+from tqdm import tqdm
+from transformers import AutoProcessor, get_cosine_schedule_with_warmup
 
-from grpo_care import MediaSystemConfig
+import toy
+from data import LETTERS, Collator, DataError, check_media_dirs, load_examples, read_located_rows, step_examples
+from infra import (RUN_RULES, RunAborted, RunConfig, all_reduce_named, load_model, open_run_dir, optimizer_step,
+                   parse_run_config, plan_steps, rank0_print, resolve_run, run_cli, setup_distributed, write_logs)
+from rollout import encode_vision
 
 RESPONSE = "<think>{cot}</think><answer>{answer}</answer>"
 
@@ -38,12 +47,10 @@ RESPONSE = "<think>{cot}</think><answer>{answer}</answer>"
 def sft_response(example: dict) -> str:
     """The target text of one example, without the closing <|im_end|>. The answer is the letter of
     `cot_answer` (an option text) where given, else the example's solution."""
-    from data import LETTERS
-
     answer = example["solution"]
     if example.get("cot_answer") is not None:
-        assert example["cot_answer"] in example["options"], (
-            f"sample {example['id']}: the CoT's answer {example['cot_answer']!r} is not among the options")
+        if example["cot_answer"] not in example["options"]:
+            raise DataError(f"sample {example['id']}: the CoT's answer {example['cot_answer']!r} is not among the options")
         answer = LETTERS[example["options"].index(example["cot_answer"])]
     return RESPONSE.format(cot=example["cot"], answer=answer)
 
@@ -52,8 +59,6 @@ def append_targets(input_ids, attention_mask, mm_token_type_ids, targets: list[l
     """Left-padded prompts `(B, P)` + target ids -> left-padded `(B, L)` inputs and labels.
 
     Labels are -100 on prompt and padding, the target ids on the target, so only the target is learned."""
-    from torch.nn.utils.rnn import pad_sequence
-
     rows = {"input_ids": [], "labels": [], "attention_mask": [], "mm_token_type_ids": []}
     for ids, mask, types, tgt in zip(input_ids, attention_mask, mm_token_type_ids, targets):
         real, tgt = mask.bool(), torch.tensor(tgt, dtype=ids.dtype)  # (P,), (R,)
@@ -67,50 +72,25 @@ def append_targets(input_ids, attention_mask, mm_token_type_ids, targets: list[l
 
 
 @dataclass
-class SFTConfig(MediaSystemConfig):
-    model_path: str | None = field(default=None, metadata={"help": "save_pretrained dir or hub id; empty = toy world"})
-    data_root: str | None = field(default=None, metadata={"help": "SEED-Bench-R1 root (annotations/, videos/, images/)"})
+class SFTConfig(RunConfig):  # the fields shared with grpo_care.Config: infra.RunConfig; here the defaults that differ
     train_file: str = field(default="annotations/training_with_cot_6k.jsonl", metadata={"help": "relative to data_root"})
     output_dir: str = field(default="outputs/sft", metadata={"help": "the fine-tuned model + processor, metrics.jsonl"})
-    toy_dir: str = field(default=".cache/toy", metadata={"help": "where the toy world is built when model_path is empty"})
-    seed: int = field(default=42, metadata={"help": "seeds data order and option shuffles"})
     learning_rate: float = field(default=1e-5, metadata={"help": "peak learning rate, cosine decay to 0"})
     warmup_ratio: float = field(default=0.03, metadata={"help": "linear warm-up fraction of the steps"})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
-    prompts_per_device: int = field(default=1, metadata={"help": "rows per process per step"})
-    num_epochs: int = field(default=1, metadata={"help": "passes over the training file"})
-    max_steps: int = field(default=-1, metadata={"help": "stop after this many steps (-1: the epochs decide)"})
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "replace the model already in output_dir"})
 
 
 SFT_FILES = ("metrics.jsonl", "config.json", "model.safetensors", "model.safetensors.index.json")  # a finished SFT
 
 
-# The toy warm start, applied when --model_path is empty to every field not given on the command line:
-# 16 epochs of the 240 toy rows = 240 steps of 16 rows, ~2 min on 2 CPU cores; options in toy.py's order.
-TOY_DEFAULTS = dict(shuffle_options=False, learning_rate=3e-3, prompts_per_device=16, num_epochs=16,
-                    warmup_ratio=0.05, output_dir="outputs/toy_sft")
-
-
 def parse_config(argv: list[str] | None = None) -> SFTConfig:
-    from grpo_care import CONFIG_RULES, MEDIA_RULES, apply_toy_defaults, parse_flags, validate_config
-
-    argv = sys.argv[1:] if argv is None else argv
-    cfg = parse_flags(SFTConfig, argv)
-    if not cfg.model_path:
-        apply_toy_defaults(cfg, argv, TOY_DEFAULTS)
-    validate_config(cfg, {**MEDIA_RULES, **{k: CONFIG_RULES[k] for k in (
-        "learning_rate", "warmup_ratio", "weight_decay", "max_grad_norm", "prompts_per_device", "num_epochs", "max_steps")}})
-    return cfg
+    """SFTConfig from `argv` (default sys.argv); --toy (the default without --model_path) applies toy.SFT_DEFAULTS."""
+    return parse_run_config(SFTConfig, sys.argv[1:] if argv is None else argv, toy.SFT_DEFAULTS, RUN_RULES)
 
 
 def rows_with_reasoning(train_path: Path, data_root, seed: int, shuffle_options: bool):
     """(rows, keep): every row of `train_path` checked (DataError names file:line), and whether each has a
     reasoning to imitate. A row with an empty `cot` (Video-R1: `process`) is skipped and reported, not fatal."""
-    from data import DataError, check_media_dirs, load_examples, read_located_rows
-    from grpo_care import rank0_print
-
     located = read_located_rows(train_path)
     examples = load_examples(train_path, data_root, seed, 0, shuffle_options)
     keep = [bool(ex["cot"]) for ex in examples]
@@ -125,16 +105,6 @@ def rows_with_reasoning(train_path: Path, data_root, seed: int, shuffle_options:
 
 
 def main(argv: list[str] | None = None):
-    import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    from tqdm import tqdm
-    from transformers import AutoProcessor, get_cosine_schedule_with_warmup
-
-    from data import Collator, load_examples, step_examples
-    from grpo_care import (ConfigError, RunAborted, check_output_dir, load_model, rank0_print, remove_run,
-                           resolve_run, setup_distributed)
-    from rollout import encode_vision
-
     cfg = parse_config(argv)
     device = setup_distributed().device
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -143,16 +113,9 @@ def main(argv: list[str] | None = None):
     # before any model is loaded: every row checked, the output dir
     train_path = Path(cfg.data_root) / cfg.train_file
     rows, keep = rows_with_reasoning(train_path, cfg.data_root, cfg.seed, cfg.shuffle_options)
-    per_step = cfg.prompts_per_device * world
-    steps_per_epoch = sum(keep) // per_step
-    if steps_per_epoch == 0:
-        raise ConfigError(f"--prompts_per_device {cfg.prompts_per_device} x {world} process(es) = {per_step} rows "
-                          f"per step, more than the {sum(keep)} usable rows of {train_path}")
-    total = steps_per_epoch * cfg.num_epochs if cfg.max_steps <= 0 else min(cfg.max_steps, steps_per_epoch * cfg.num_epochs)
-    stale = check_output_dir(out, False, cfg.overwrite_output_dir, files=SFT_FILES)
-    if stale and rank == 0:
-        remove_run(stale)
-    dist.barrier()
+    steps_per_epoch, total = plan_steps(sum(keep), cfg.prompts_per_device, world, cfg.num_epochs, cfg.max_steps,
+                                        train_path)
+    open_run_dir(out, cfg, total, files=SFT_FILES)  # a used output dir: refused, or cleared with --overwrite_output_dir
 
     processor = AutoProcessor.from_pretrained(cfg.model_path)
     tok = processor.tokenizer
@@ -164,12 +127,11 @@ def main(argv: list[str] | None = None):
         exs = load_examples(train_path, cfg.data_root, cfg.seed, epoch, cfg.shuffle_options)
         return [dict(ex, cot_answer=r.get("cot_answer")) for ex, r, k in zip(exs, rows, keep) if k]
 
-    examples_for = step_examples(load_epoch, cfg.seed, per_step, steps_per_epoch, rank, world)
+    examples_for = step_examples(load_epoch, cfg.seed, cfg.prompts_per_device * world, steps_per_epoch, rank, world)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
     rank0_print(f"SFT: {total} steps, {world} process(es) x {cfg.prompts_per_device} row(s), {len(rows)} rows, device={device}")
-    log = open(out / "metrics.jsonl", "w") if rank == 0 else None
     last = None
     for step in (bar := tqdm(range(total), disable=rank != 0, desc="sft")):
         batch, kept = collate(examples_for(step))
@@ -188,25 +150,18 @@ def main(argv: list[str] | None = None):
         loss = model(**{k: v.to(device) for k, v in inputs.items()}, **grids,  # grids: mrope positions
                      mm_encoder_outputs=encode_vision(model, batch)).loss
         (loss * weight).backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        optimizer.step()
+        grad_norm, _ = optimizer_step(model, optimizer, cfg.max_grad_norm, loss.item())  # no step if not finite
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        stats = torch.tensor([loss.item() * weight, weight], dtype=torch.float64, device=device)
-        dist.all_reduce(stats)
-        m = dict(step=step + 1, loss=stats[0].item() / max(stats[1].item(), 1.0), grad_norm=grad_norm.item(),
+        s = all_reduce_named(dict(loss=loss.item() * weight, weight=weight), device)  # the rows' mean over processes
+        m = dict(step=step + 1, loss=s["loss"] / max(s["weight"], 1.0), grad_norm=grad_norm,
                  lr=scheduler.get_last_lr()[0], skipped=collate.skipped)
-        if log:
-            log.write(json.dumps(m) + "\n")
-            log.flush()
-            bar.set_postfix(loss=f"{m['loss']:.3f}")
+        write_logs(out, m, None)  # metrics.jsonl, by rank 0
+        bar.set_postfix(loss=f"{m['loss']:.3f}")
 
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         model.save_pretrained(out, state_dict=full)  # loadable by plain transformers
         processor.save_pretrained(out)
-        log.close()
         rank0_print(f"skipped {collate.skipped} unreadable sample(s) and {keep.count(False)} row(s) without reasoning")
         rank0_print(f"done: {out} (loss {m['loss']:.3f}), metrics in {out / 'metrics.jsonl'}")
     dist.barrier()
@@ -214,6 +169,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    from grpo_care import run_cli
-
     run_cli(main)

@@ -49,6 +49,13 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, Qwen2TokenizerFast,
+                          Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
+
+from data import BENCHMARKS, MC_INSTRUCTION, THINK_INSTRUCTION  # the prompt words and eval files are data.py's
 
 # Qwen2.5-VL-Instruct's chat template, verbatim: default system turn, one
 # <|vision_start|><|image_pad|><|vision_end|> per image, <|video_pad|> per video, text in order.
@@ -112,6 +119,17 @@ FRAME = 56  # pixels; 56 = 2 merged patches of 28, so an image is 2x2 = 4 vision
 # data.VisionSpec fields for the toy: keep frames at 56x56 (4 tokens per image, 8 per 4-frame video).
 TOY_VISION = dict(video_max_pixels=FRAME * FRAME, video_min_pixels=FRAME * FRAME, image_max_pixels=FRAME * FRAME,
                   image_min_pixels=FRAME * FRAME, video_max_frames=4)
+# The toy run's sizes, applied with --toy (the default without --model_path) to every field not given on the
+# command line, with TOY_VISION (infra.parse_run_config). sft.py's warm start: 16 epochs of the 240 rows.
+SFT_DEFAULTS = dict(shuffle_options=False, learning_rate=3e-3, prompts_per_device=16, num_epochs=16,
+                    warmup_ratio=0.05, output_dir="outputs/toy_sft")
+# grpo_care.py (./train.sh: from the warm start): 60 steps of 4 prompts x 8 samples, one epoch, ~1 min on 2
+# CPU cores (at 40, GRPO had not yet drifted far enough for CARE's gain to show in every seed). The fast EMA
+# (every 2 steps, decay 0.9) moves within so short a run; the paper's 0.995 every 10 is for ~1,000 steps
+# (a slower 0.975 gave the same bonus decisions, step for step).
+RL_DEFAULTS = dict(shuffle_options=False, max_new_tokens=48, prompts_per_device=4, learning_rate=1e-4,
+                   warmup_ratio=0.0, max_steps=60, save_steps=30, ref_ema_every=2, ref_ema_decay=0.9,
+                   output_dir="outputs/toy")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,8 +159,6 @@ def _write_video(path: Path, frames: list[np.ndarray], fps: int = 2) -> None:
 
 
 def _write_png(path: Path, frame: np.ndarray) -> None:
-    from PIL import Image
-
     Image.fromarray(frame).save(path)
 
 
@@ -262,8 +278,6 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def corpus_texts(data: Path) -> list[str]:
     """Every string the toy model will read or write, to train its tokenizer on."""
-    from data import MC_INSTRUCTION, THINK_INSTRUCTION  # the prompt words are data.py's
-
     texts = [THINK_INSTRUCTION, MC_INSTRUCTION, "You are a helpful assistant.", "system\nuser\nassistant\n",
              "<think> </think> <answer>A</answer><answer>B</answer><answer>C</answer><answer>D</answer>",
              "Options:\nA. \nB. \nC. \nD. \n"]
@@ -278,9 +292,6 @@ def corpus_texts(data: Path) -> list[str]:
 # model
 def build_tokenizer(texts: list[str], vocab_size: int = 640):
     """A byte-level BPE trained here, wrapped in Qwen's tokenizer class with Qwen's special tokens."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import Qwen2TokenizerFast
-
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
@@ -296,8 +307,6 @@ def build_tokenizer(texts: list[str], vocab_size: int = 640):
 
 
 def build_processor(tokenizer):
-    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
-
     # Qwen2.5-VL-7B-Instruct's preprocessor_config: CLIP mean/std, patch 14, merge 2, temporal 2.
     pix = dict(size={"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280}, patch_size=14,
                temporal_patch_size=2, merge_size=2, image_mean=[0.48145466, 0.4578275, 0.40821073],
@@ -307,9 +316,6 @@ def build_processor(tokenizer):
 
 
 def build_model(tokenizer, seed: int = 0, hidden: int = 64, layers: int = 2, vocab_size: int | None = None):
-    import torch
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     vocab = vocab_size or (len(tokenizer) + 63) // 64 * 64
     heads = 4
@@ -391,15 +397,11 @@ def build_video_r1(data: Path, seed: int = 0, per_kind: int = 3) -> None:
     * `data/Video-R1-toy.json`: the training mix, `per_kind` rows of each of six kinds: multiple choice
       on an image and on a video, numerical (video), OCR and free-form (image), regression (video); each
       with a `process` chain of thought. Train on it with `--train_file Video-R1-toy.json`.
-    * `data/Evaluation/eval_<name>.json` for evaluate.BENCHMARKS: a video and an image multiple-choice
+    * `data/Evaluation/eval_<name>.json` for data.BENCHMARKS: a video and an image multiple-choice
       row each; VSI-Bench a video multiple-choice, a regression and a numerical row.
     Media paths are "./"-relative to `data`, as in the real files. Every answer is decidable from the
     pixels: the object's colour, the colours a video shows (first, how many, for how long), the words
     written in the image. Its own generator: the SEED-Bench-R1 toy is the same with or without it."""
-    from PIL import Image, ImageDraw
-
-    from evaluate import BENCHMARKS
-
     rng = random.Random(f"{seed}/video_r1")
 
     def save(rel: str, frames: list) -> str:

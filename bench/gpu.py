@@ -270,25 +270,19 @@ def run_group(a, path, batch, device, clock, res):
         return rollout.generate_group(policy, batch, G, processor, max_new_tokens=T, temperature=cfg.temperature,
                                       top_p=cfg.top_p, seeds=[0], min_new_tokens=T)  # EOS suppressed: T tokens a row
 
-    def update(ro):
+    def update(ro):  # grpo_care.policy_update (mu = 1, no KL) in its two parts, timed apart for the MFU
         policy.train()
-        mm = rollout.encode_vision(policy, batch)
-        logps = rollout.completion_logprobs(policy, ro, mm, chunk_size=chunk)  # (G, T)
-        loss, _ = grpo_care.policy_loss(logps, logps.detach(), advantages, ro.completion_mask, cfg.clip_eps)
-        loss.backward()
+        grpo_care.accumulate_policy_gradients(policy, [ro], advantages[None], None, None, cfg.clip_eps, 0.0, chunk)
 
     def step():
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        grpo_care.optimizer_step(policy, optimizer, cfg.max_grad_norm, 0.0)
 
     def group(T):
         ro, t_gen, m_gen = clock(lambda: generate(T))
         assert int(ro.completion_mask.sum()) == G * T, "EOS was not suppressed: rows shorter than max_new_tokens"
         with torch.no_grad():
             _, t_old, m_old = clock(lambda: rollout.completion_logprobs(policy, ro, ro.mm, chunk_size=chunk))
-            _, t_ref, m_ref = clock(lambda: rollout.completion_logprobs(ref, ro, rollout.encode_vision(ref, batch),
-                                                                        chunk_size=chunk))
+            _, t_ref, m_ref = clock(lambda: grpo_care.reference_logprobs(ref, [ro], chunk))
         _, t_fb, m_fb = clock(lambda: update(ro))
         _, t_step, m_step = clock(step)
         return ro, dict(generation=t_gen, old_logprobs=t_old, reference=t_ref, update=t_fb + t_step,

@@ -15,13 +15,12 @@ sides), beta = 0 and no reference model, one update per rollout, AdamW, no gradi
 the same thread count and seed. Each side runs in its own subprocess (so one side's allocations
 cannot show up in the other's peak RSS): a warm-up step, then `--steps` timed steps; we report medians.
 
-Ours is built from the project's own pieces, the same calls as grpo_care.main's loop with
-use_care=False: grpo_care.load_model (FSDP2 over a 1-process gloo group), data.Collator,
-rollout.generate_group / encode_vision / completion_logprobs, rewards, grpo_care.policy_loss, AdamW.
-With P prompts per step, ours decodes the P x G rows in one `generate_groups` call and accumulates the P
-prompts' gradients (loss / P each), as the loop does. Its step splits into generation (vision + sampling),
-log-probs (vision with gradient + the completion log-prob forward) and update (backward, clipping,
-optimizer step).
+Ours is the training loop's own code with use_care=False: grpo_care.load_model (FSDP2 over a 1-process
+gloo group), data.Collator, rollout.generate_groups (the P x G rows of P prompts in one call),
+grpo_care.base_rewards, rewards.group_advantages, then the two parts of grpo_care.policy_update:
+accumulate_policy_gradients (vision with gradient, completion log-probs, backward; loss / P per prompt)
+and optimizer_step (clipping, AdamW). Its step splits into generation (vision + sampling + rewards),
+forward + backward, and optimizer.
 
 Defaults the issue leaves open: 1 torch thread per side (on a shared 2-core machine, 2 threads time
 OpenMP barriers waiting for descheduled partners, not work) and top-p 1.0, TRL's default (HF's top-p
@@ -75,14 +74,15 @@ def trl_config(a, output_dir: str, prompts: int):
 
 
 def run_ours(a, examples):
-    """The training loop's step (grpo_care.main, use_care=False, beta=0, num_iterations=1), timed in parts."""
+    """The training loop's step (grpo_care.main, use_care=False, beta=0, num_iterations=1): the same phase
+    functions, timed in parts."""
     import torch
     from transformers import AutoProcessor
 
     import grpo_care
     import rollout
     from data import Collator, VisionSpec
-    from rewards import accuracy_reward, format_reward, group_advantages, total_reward
+    from rewards import group_advantages, total_reward
 
     cfg = grpo_care.Config(model_path=a.model, num_generations=a.G, max_new_tokens=a.max_new_tokens, top_p=a.top_p,
                            use_care=False, beta=0.0, bf16=False, gradient_checkpointing=False,
@@ -94,7 +94,7 @@ def run_ours(a, examples):
     collate = Collator(processor, VisionSpec())  # the reference's image budget: 448x448 stays 448x448
     G, T = cfg.num_generations, cfg.max_new_tokens
 
-    def step(s, exs):
+    def step(s, exs):  # the loop's phase functions, timed in parts
         t0, c0 = time.perf_counter(), time.process_time()
         policy.eval()
         batches = [collate([ex])[0] for ex in exs]  # one batch per prompt, as the loop collates
@@ -102,29 +102,16 @@ def run_ours(a, examples):
                                       top_p=cfg.top_p, seeds=[grpo_care.sample_seed(cfg.seed, s, ex["id"]) for ex in exs],
                                       min_new_tokens=T)  # every completion exactly T tokens
         assert all(int(ro.completion_mask.sum()) == G * T for ro in ros), "min_new_tokens did not force T tokens"
-        advantages = []
-        for ex, ro in zip(exs, ros):
-            acc_r = torch.tensor(accuracy_reward(ro.texts, [ex["solution"]] * G)).view(1, G)  # (1, G)
-            fmt_r = torch.tensor(format_reward(ro.texts)).view(1, G)  # (1, G)
-            advantages.append(group_advantages(total_reward(acc_r, fmt_r)).view(G))  # (G,)
+        advantages = group_advantages(total_reward(*grpo_care.base_rewards(ros, exs, G)))  # (B, G)
         t1 = time.perf_counter()
-        policy.train()
-        t_logprobs = t_backward = 0.0
-        for batch, ro, adv in zip(batches, ros, advantages):  # gradients accumulate over the prompts
-            ta = time.perf_counter()
-            mm = rollout.encode_vision(policy, batch)
-            logps = rollout.completion_logprobs(policy, ro, mm, chunk_size=cfg.logprob_chunk)  # (G, T)
-            loss, _ = grpo_care.policy_loss(logps, logps.detach(), adv, ro.completion_mask, cfg.clip_eps)
-            tb = time.perf_counter()
-            (loss / len(exs)).backward()
-            t_logprobs, t_backward = t_logprobs + tb - ta, t_backward + time.perf_counter() - tb
+        policy.train()  # as grpo_care.policy_update (mu = 1, no KL), in its two parts
+        loss, _ = grpo_care.accumulate_policy_gradients(policy, ros, advantages, None, None, cfg.clip_eps, 0.0,
+                                                        cfg.logprob_chunk)
         t2 = time.perf_counter()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        grpo_care.optimizer_step(policy, optimizer, cfg.max_grad_norm, loss)
         t3 = time.perf_counter()
-        return dict(step=t3 - t0, cpu=time.process_time() - c0, generation=t1 - t0, logprobs=t_logprobs,
-                    update=t_backward + t3 - t2, completion_tokens=T,
+        return dict(step=t3 - t0, cpu=time.process_time() - c0, generation=t1 - t0, forward_backward=t2 - t1,
+                    optimizer=t3 - t2, completion_tokens=T,
                     prompt_tokens=round(sum(b["input_ids"].shape[1] for b in batches) / len(batches)))
 
     P = a.prompts
@@ -283,15 +270,16 @@ def report(results: dict, a, load: tuple, versions: dict) -> str:
                      f"| {c['cpu_ratio']:.2f} | {c['ours_peak']:.0f} | {c['trl_peak']:.0f} | **{c['rss_ratio']:.2f}** "
                      f"| {c['ours_extra']:.0f} / {c['trl_extra']:.0f} ({c['extra_ratio']:.2f}) |")
     lines += ["", "Where the time goes (medians, seconds). Generation: prompt processing, vision, sampling, rewards. "
-              "Ours then: log-probs = vision with gradient + completion log-prob forward; update = backward, clipping, "
-              "AdamW. TRL: its loss forward, backward, clipping, AdamW.", "",
-              "| vocab | prompts per step | ours generation | ours log-probs | ours update | TRL generation "
+              "Ours then: forward + backward = vision with gradient, completion log-prob forward, backward "
+              "(grpo_care.accumulate_policy_gradients); optimizer = clipping + AdamW (grpo_care.optimizer_step). "
+              "TRL: its loss forward, backward, clipping, AdamW.", "",
+              "| vocab | prompts per step | ours generation | ours forward + backward | ours optimizer | TRL generation "
               "| TRL loss + update | generation ours/TRL | after generation ours/TRL |", "|---|---|---|---|---|---|---|---|---|"]
     for (vocab, P), (ours, trl, c) in results.items():
         m, t = ours["median"], trl["median"]
-        rest = m["logprobs"] + m["update"]
-        lines.append(f"| {REAL_VOCAB if vocab == 'real' else 704:,} | {P} | {m['generation']:.2f} | {m['logprobs']:.2f} "
-                     f"| {m['update']:.2f} | {t['generation']:.2f} | {t['loss_and_update']:.2f} "
+        rest = m["forward_backward"] + m["optimizer"]
+        lines.append(f"| {REAL_VOCAB if vocab == 'real' else 704:,} | {P} | {m['generation']:.2f} | {m['forward_backward']:.2f} "
+                     f"| {m['optimizer']:.2f} | {t['generation']:.2f} | {t['loss_and_update']:.2f} "
                      f"| {m['generation'] / t['generation']:.2f} | {rest / t['loss_and_update']:.2f} |")
     cfg = {k: v for k, v in trl_config(a, "<tmp>", 1).items() if k not in ("output_dir", "logging_steps", "save_strategy",
                                                                       "report_to", "disable_tqdm", "log_completions")}
@@ -356,8 +344,8 @@ def main():
                 print(f"vocab {vocab}, {P} prompt(s) per step: step time ours/TRL = {c['time_ratio']:.2f} ({ours['median']['step']:.2f} s vs "
                       f"{theirs['median']['step']:.2f} s; CPU time {c['cpu_ratio']:.2f}), peak RSS ours/TRL = {c['rss_ratio']:.2f} "
                       f"({c['ours_peak']:.0f} vs {c['trl_peak']:.0f} MB), step extra ours/TRL = {c['extra_ratio']:.2f}; "
-                      f"ours: generation {ours['median']['generation']:.2f} s, log-probs {ours['median']['logprobs']:.2f} s, "
-                      f"update {ours['median']['update']:.2f} s", flush=True)
+                      f"ours: generation {ours['median']['generation']:.2f} s, forward + backward "
+                      f"{ours['median']['forward_backward']:.2f} s, optimizer {ours['median']['optimizer']:.2f} s", flush=True)
     section = report(results, a, (load0, os.getloadavg()[0]), versions)
     print(section)
     if not a.no_write:

@@ -209,7 +209,7 @@ def test_causal_lm_judge(toy_world, tmp_path):
     Qwen2ForCausalLM(Qwen2Config(vocab_size=704, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                  num_attention_heads=2, num_key_value_heads=1)).save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
-    model, proc = ev.load_model(str(tmp_path), torch.device("cpu"))
+    model, proc = ev.load_eval_model(str(tmp_path), torch.device("cpu"))
     assert type(model).__name__ == "Qwen2ForCausalLM" and not hasattr(proc, "tokenizer")
     args = (["q?"] * 2, [["w", "x", "y", "z"]] * 2, ["short", "a much longer piece of reasoning"])
     picks = ev.make_judge(model, proc, batch_size=2)(*args)

@@ -7,6 +7,7 @@ import torch
 from torch.testing import assert_close
 
 from rewards import (
+    accurate_samples,
     accuracy_reward,
     answer_confidence,
     bonus_selective,
@@ -336,10 +337,19 @@ def test_bonus_on_graded_accuracies():
            for p in ("red cup", "red", "blue mug", "the red cup", "")]
     assert_close(T(regression, ocr), T([1.0, 0.6, 0.7, 0.1, 0.0], [1.0, 0.5, 0.0, 0.5, 0.0]))
     conf = T([0.5, 0.9, 0.8, 0.95, 0.1], [0.2, 0.6, 0.9, 0.6, 0.9])
-    # regression: mean acc 2.4/5 = 0.48 -> accurate 1.0, 0.6, 0.7 (0.1 is not > 0.1 however confident);
+    # regression: mean acc 2.4/5 = 0.48 -> accurate 1.0, 0.6, 0.7 (0.1 is below the mean, however confident);
     #   level = (0.5+0.9+0.8)/3 = 0.733 -> confident: 0.6 and 0.7 -> bonus 0.5*acc = 0.3, 0.35
     # OCR: mean 2.0/5 = 0.4 -> accurate 1.0, 0.5, 0.5; level = (0.2+0.6+0.6)/3 = 0.467 -> the two 0.5s: 0.25 each
     assert_close(consistency_bonus(T(regression, ocr), conf), T([0.0, 0.3, 0.35, 0.0, 0.0], [0.0, 0.25, 0.0, 0.25, 0.0]))
+
+
+def test_bonus_floor_keeps_an_accuracy_of_0_1_out():
+    # a graded near-miss can sit above its group's mean; the floor (the reference's acc > 0.1) keeps it out.
+    # group 0: acc 0.1 and zeros, mean 0.025: 0.1 >= the mean but not > 0.1 -> nothing accurate, no bonus.
+    # group 1: acc 0.15 and zeros, mean 0.0375: accurate; the level is its own confidence -> 0.5 * 0.15
+    acc = T([0.1, 0, 0, 0], [0.15, 0, 0, 0])
+    assert accurate_samples(acc).tolist() == [[False] * 4, [True, False, False, False]]
+    assert_close(consistency_bonus(acc, T([0.9] * 4, [0.9] * 4)), T([0, 0, 0, 0], [0.075, 0, 0, 0]))
 
 
 def test_bonus_selective_flags_groups_where_consistency_decided():

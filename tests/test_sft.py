@@ -8,8 +8,8 @@ import torch
 
 import sft
 import toy
+from data import Collator, DataError, load_examples, read_jsonl
 from rollout import encode_vision
-from data import Collator, load_examples, read_jsonl
 
 
 def test_append_targets_masks_the_prompt_and_left_pads():
@@ -33,7 +33,7 @@ def test_response_letter_is_where_the_cot_answer_lands_in_the_options():
     ex = dict(id=1, options=["cut the red fruit", "cut the blue fruit", "cut the green fruit", "cut the pink fruit"],
               solution="B", cot=toy.cot_text("blue", "cut the blue fruit"), cot_answer="cut the green fruit")
     assert sft.sft_response(ex) == f"<think>{ex['cot']}</think><answer>C</answer>", "the CoT's pick, not the solution"
-    with pytest.raises(AssertionError, match="not among the options"):
+    with pytest.raises(DataError, match="not among the options"):
         sft.sft_response(dict(ex, cot_answer="cut the grey fruit"))
     # no cot_answer (real SEED-Bench-R1 CoT rows, Video-R1 rows): the solution
     assert sft.sft_response(dict(ex, cot_answer=None)) == f"<think>{ex['cot']}</think><answer>B</answer>"
@@ -142,11 +142,8 @@ def test_toy_cot_flaws_come_in_the_configured_fractions(toy_world, tmp_path):
 
 
 def test_video_r1_rows_without_process_are_skipped_not_fatal(tmp_path, monkeypatch):
-    import grpo_care
-    from data import DataError
-
     printed = []
-    monkeypatch.setattr(grpo_care, "rank0_print", printed.append)
+    monkeypatch.setattr(sft, "rank0_print", printed.append)
     row = dict(problem_id=1, problem="Which?", data_type="image", problem_type="multiple choice",
                options=["A. red", "B. blue"], process="<think>I see red.</think>", solution="<answer>A</answer>",
                path="./img/a.png")
@@ -162,15 +159,13 @@ def test_video_r1_rows_without_process_are_skipped_not_fatal(tmp_path, monkeypat
 
 
 def test_sft_refuses_a_used_output_dir_and_bad_flags(tmp_path):
-    from grpo_care import ConfigError
+    from infra import ConfigError, check_output_dir
 
     with pytest.raises(ConfigError, match=r"--learning_rate -1.0: must be >= 0"):
         sft.parse_config(["--learning_rate", "-1"])
     with pytest.raises(ConfigError, match=r"unknown flag\(s\) --learning 1"):
         sft.parse_config(["--learning", "1"])
     (tmp_path / "config.json").write_text("{}")
-    import grpo_care
-
     with pytest.raises(ConfigError, match=r"holds a run \(config.json\).*--overwrite_output_dir true"):
-        grpo_care.check_output_dir(tmp_path, False, False, files=sft.SFT_FILES)
-    assert grpo_care.check_output_dir(tmp_path, False, True, files=sft.SFT_FILES) == [tmp_path / "config.json"]
+        check_output_dir(tmp_path, False, False, files=sft.SFT_FILES)
+    assert check_output_dir(tmp_path, False, True, files=sft.SFT_FILES) == [tmp_path / "config.json"]

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import grpo_care
+import infra
 
 ROOT = Path(__file__).resolve().parents[1]
 METRIC_FIELDS = {"reward_mean", "reward_std", "accuracy", "format", "bonus_mean", "bonus_frac", "confidence",
@@ -162,16 +163,18 @@ def test_plain_grpo_loads_no_reference(toy_world, tmp_path, monkeypatch):
     assert all(c["confidence"] is None and c["bonus"] is None for c in completions(tmp_path).values())
 
 
-def test_ema_moves_by_the_expected_amount(toy_world, tmp_path):
-    # decay 0.5, every step: after 1 step ema = 0.5 * theta_0 + 0.5 * theta_1
-    grpo_care.main(args(toy_world, tmp_path, "--max_steps", "1"))
-    theta0 = weights(toy_world / "model")
-    theta1 = weights(tmp_path / "checkpoint-1")
-    ema = ema_weights(tmp_path / "checkpoint-1")
+def test_ema_follows_its_schedule(toy_world, tmp_path):
+    # decay 0.5 every 2 steps, a checkpoint after each of 3 steps: the reference is theta_0 after step 1 (no
+    # update yet), 0.5 * theta_0 + 0.5 * theta_2 after step 2 (the policy after that step's update), and
+    # unchanged after step 3
+    grpo_care.main(args(toy_world, tmp_path, "--max_steps", "3", "--ref_ema_every", "2", "--save_steps", "1"))
     k = "model.language_model.layers.0.mlp.up_proj.weight"
-    assert k in ema, sorted(ema)[:5]
-    assert not theta0[k].equal(theta1[k])
-    torch.testing.assert_close(ema[k], 0.5 * theta0[k] + 0.5 * theta1[k], atol=1e-6, rtol=0)
+    theta = [weights(toy_world / "model")[k]] + [weights(tmp_path / f"checkpoint-{s}")[k] for s in (1, 2, 3)]
+    ema = [None] + [ema_weights(tmp_path / f"checkpoint-{s}")[k] for s in (1, 2, 3)]
+    assert not theta[0].equal(theta[1]) and not theta[1].equal(theta[2]), "the policy moves every step"
+    assert ema[1].equal(theta[0])
+    torch.testing.assert_close(ema[2], 0.5 * theta[0] + 0.5 * theta[2], atol=1e-6, rtol=0)
+    assert ema[3].equal(ema[2])
 
 
 def test_nonfinite_loss_skips_the_update(toy_world, tmp_path, monkeypatch):
@@ -217,7 +220,7 @@ def test_crash_while_saving_keeps_the_previous_checkpoint(toy_world, tmp_path, m
     if dist.is_initialized():
         dist.destroy_process_group()
     assert (tmp_path / "checkpoint-2.tmp").exists() and not (tmp_path / "checkpoint-2").exists()
-    assert grpo_care.latest_checkpoint(tmp_path) == tmp_path / "checkpoint-1"
+    assert infra.latest_checkpoint(tmp_path) == tmp_path / "checkpoint-1"
     Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "checkpoint-1")
     monkeypatch.setattr(grpo_care, "save_checkpoint", real)
     grpo_care.main(args(toy_world, tmp_path, "--max_steps", "2", "--save_steps", "1", "--resume_from_checkpoint", "latest"))

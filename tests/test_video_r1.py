@@ -102,18 +102,16 @@ def test_mixed_batch_and_a_missing_file(toy_world, toy_model, toy_vision, tmp_pa
 
 
 def test_training_step_on_the_mixed_file(toy_world, tmp_path, monkeypatch):
-    import rewards
-
     rows = json.loads((toy_world / "data/Video-R1-toy.json").read_text())
     by_type = {r["problem_type"]: r for r in rows if r["data_source"] != "toy/mc_video"}  # 3 images, 2 videos
     (tmp_path / "mix.json").write_text(json.dumps(list(by_type.values())))
-    calls, real = [], rewards.accuracy_reward
+    calls, real = [], grpo_care.accuracy_reward
 
     def spy(completions, solutions, problem_types=None):
         calls.append((problem_types, solutions))
         return real(completions, solutions, problem_types)
 
-    monkeypatch.setattr(rewards, "accuracy_reward", spy)
+    monkeypatch.setattr(grpo_care, "accuracy_reward", spy)  # as base_rewards calls it
     out = tmp_path / "out"
     grpo_care.main(["--model_path", str(toy_world / "model"), "--data_root", str(toy_world / "data"),
                     "--train_file", str(tmp_path / "mix.json"),  # absolute: data_root / it is itself
