@@ -57,6 +57,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from PIL import Image
+
 from rewards import parse_answer
 
 THINK_INSTRUCTION = (
@@ -372,8 +374,6 @@ def _image_readable(path: str | None) -> bool:
     """Whether PIL can decode the image at `path` (None: no image, nothing to blame)."""
     if path is None:
         return True
-    from PIL import Image
-
     try:
         with Image.open(path) as im:
             im.load()

@@ -111,9 +111,9 @@ def group_sums(accuracy, format_, confidence, bonus, rewards, lengths, truncated
     (zeros). Summed over the processes (infra.all_reduce_named), step_metrics turns them into metrics."""
     confidence, bonus = [torch.zeros_like(accuracy) if t is None else t for t in (confidence, bonus)]
     selective, eligible = bonus_selective(accuracy, bonus)  # (B,) each
-    sums = dict(samples=accuracy.numel(), groups=accuracy.shape[0], reward=rewards.sum(), reward_sq=(rewards ** 2).sum(),
-                accuracy=accuracy.sum(), format=format_.sum(), bonus=bonus.sum(), bonus_given=(bonus > 0).sum(),
-                confidence=confidence.sum(), all_correct=(accuracy >= 1).all(-1).sum(),
+    sums = dict(samples=accuracy.numel(), groups=accuracy.shape[0], reward=rewards.sum(),
+                reward_sq=(rewards ** 2).sum(), accuracy=accuracy.sum(), format=format_.sum(), bonus=bonus.sum(),
+                bonus_given=(bonus > 0).sum(), confidence=confidence.sum(), all_correct=(accuracy >= 1).all(-1).sum(),
                 all_wrong=(accuracy <= 0).all(-1).sum(), selective=selective.sum(), eligible=eligible.sum(),
                 completion_len=lengths.sum(), truncated=truncated.sum())
     return {k: float(v) for k, v in sums.items()}
@@ -164,11 +164,9 @@ class Config(RunConfig):  # the model, data, optimizer, media and system fields:
     # the run
     save_steps: int = field(default=500, metadata={"help": "checkpoint every N steps (and at the end)"})
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "checkpoint dir, or 'latest'"})
-    max_skip_frac: float = field(default=0.5, metadata={"help": "abort when more of a step's or the run's samples "
-                                                                "are unreadable (1: never)"})
+    max_skip_frac: float = field(default=0.5, metadata={"help": "abort past this unreadable fraction (1: never)"})
     report_to: str = field(default="none", metadata={"help": "'tensorboard' to also write event files"})
-    log_completions: bool = field(default=True, metadata={"help": "write every sampled completion and its rewards "
-                                                                  "to completions.jsonl"})
+    log_completions: bool = field(default=True, metadata={"help": "every sample and its rewards to completions.jsonl"})
 
 
 CONFIG_RULES = {  # flag -> (allowed values, test), checked before any model is loaded
@@ -216,7 +214,7 @@ def reference_logprobs(ref, rollouts: list, chunk: int) -> list[torch.Tensor]:
 
 
 def answer_confidences(rollouts: list, ref_logps: list, tokenizer, upper_bound: float, G: int) -> torch.Tensor:
-    """(B, G): the reference's confidence in each sampled answer, over the tokens of the answer that is graded."""
+    """(B, G): the reference's confidence in each sampled answer, over the graded answer's tokens."""
     spans = [rollout.answer_span_mask(ro.completion_ids, tokenizer, ro.completion_mask) for ro in rollouts]  # (G, T)
     conf = [answer_confidence(lp.float().cpu(), span.cpu(), upper_bound) for lp, span in zip(ref_logps, spans)]  # (G,)
     return torch.stack(conf) if conf else torch.zeros(0, G)
@@ -258,14 +256,6 @@ def policy_update(policy, optimizer, rollouts: list, advantages, ref_logps, num_
     return out
 
 
-def completion_lengths(rollouts: list, G: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(lengths, truncated), `(B, G)` float: each completion's tokens up to its EOS, and whether it had none."""
-    if not rollouts:
-        return torch.zeros(0, G), torch.zeros(0, G)
-    return (torch.stack([ro.completion_mask.sum(-1).float().cpu() for ro in rollouts]),
-            torch.stack([ro.truncated.float().cpu() for ro in rollouts]))
-
-
 def completion_records(step: int, examples: list[dict], rollouts: list, columns: dict) -> list[dict]:
     """completions.jsonl lines, one per sample: its text and the values the update used. `columns`: name ->
     `(B, G)` tensor, or None (not computed, e.g. confidence without CARE: null)."""
@@ -292,8 +282,7 @@ def main(argv: list[str] | None = None):
     ckpt, saved = open_run_dir(out, cfg, total_steps)
 
     # --- models: the policy, and the EMA reference (CARE) or a frozen one (beta > 0) ---
-    processor = AutoProcessor.from_pretrained(cfg.model_path)
-    tokenizer = processor.tokenizer
+    processor = AutoProcessor.from_pretrained(cfg.model_path)  # its tokenizer decodes and finds answer spans
     policy = load_model(cfg.model_path, cfg, device, trainable=True)
     ref = load_model(cfg.model_path, cfg, device, trainable=False).eval() if (cfg.use_care or cfg.beta > 0) else None
 
@@ -307,8 +296,6 @@ def main(argv: list[str] | None = None):
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
     start = load_checkpoint(ckpt, policy, ref, optimizer, scheduler) if ckpt else 0
-    if ckpt:
-        rank0_print(f"resumed from {ckpt} at step {start}")
     rank0_print(f"GRPO-CARE: {total_steps} steps, {world} process(es) x {cfg.prompts_per_device} prompt(s) x G={G}, "
                 f"care={cfg.use_care}, device={device}")
     counters = saved.get("counters", {})  # carried through resume, like the weights
@@ -320,12 +307,11 @@ def main(argv: list[str] | None = None):
         # --- rollouts: G samples per prompt, all of this process's prompts in one generate call ---
         t0 = time.perf_counter()
         policy.eval()
-        kept, skipped = readable_prompts(prompts_for(step), collate, skips, cfg.max_skip_frac,
-                                         step + 1 == total_steps, device)
-        exs = [ex for ex, _ in kept]
+        exs, batches, skipped = readable_prompts(prompts_for(step), collate, skips, cfg.max_skip_frac,
+                                                 step + 1 == total_steps, device)
         with torch.no_grad():  # each prompt's samples from its own seed
-            ros = rollout.generate_groups(policy, [batch for _, batch in kept], G, tokenizer, temperature=cfg.temperature,
-                                          max_new_tokens=cfg.max_new_tokens, top_p=cfg.top_p,
+            ros = rollout.generate_groups(policy, batches, G, processor, max_new_tokens=cfg.max_new_tokens,
+                                          temperature=cfg.temperature, top_p=cfg.top_p,
                                           seeds=[sample_seed(cfg.seed, step, ex["id"]) for ex in exs])
         t_gen, t0 = time.perf_counter() - t0, time.perf_counter()
 
@@ -336,7 +322,7 @@ def main(argv: list[str] | None = None):
         ref_logps = reference_logprobs(ref, ros, cfg.logprob_chunk) if ref is not None else None  # B x (G, T)
         conf = bonus = None  # plain GRPO
         if cfg.use_care:
-            conf = answer_confidences(ros, ref_logps, tokenizer, cfg.confidence_upper_bound, G)  # (B, G)
+            conf = answer_confidences(ros, ref_logps, processor, cfg.confidence_upper_bound, G)  # (B, G)
             bonus = consistency_bonus(acc, conf, cfg.bonus_coefficient, cfg.consistency_margin)  # (B, G)
 
         # --- advantages: each reward relative to its group ---
@@ -358,7 +344,8 @@ def main(argv: list[str] | None = None):
         t_upd = time.perf_counter() - t0
 
         # --- log: named sums over all processes, one metrics.jsonl line per step ---
-        lengths, truncated = completion_lengths(ros, G)  # (B, G) each
+        lengths = torch.stack([ro.completion_mask.sum(-1).float().cpu() for ro in ros]) if ros else torch.zeros(0, G)
+        truncated = torch.stack([ro.truncated.float().cpu() for ro in ros]) if ros else torch.zeros(0, G)  # (B, G)
         sums = all_reduce_named(dict(group_sums(acc, fmt, conf, bonus, rewards, lengths, truncated), loss=upd["loss"],
                                      clip_frac=upd["clip_frac"], vision_calls=sum(ro.vision_calls for ro in ros),
                                      skipped=skipped, t_generation=t_gen, t_reference=t_ref, t_update=t_upd), device)

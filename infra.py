@@ -2,15 +2,14 @@
 set-up and FSDP2 loading, the run directory, the skip budget, checkpoints, logs and curves. A library: the
 same calls run for 1 process and N (`python grpo_care.py`, `accelerate launch grpo_care.py`, `torchrun`).
 
-* One code path: the models are always wrapped with FSDP2 `fully_shard` (per vision block, the vision tower,
-  per decoder layer, the root), also for one process; the mixed-precision policy gives bf16 compute over fp32
-  master weights on GPU; on CPU the group is gloo. (The reference runs DeepSpeed ZeRO-3 through TRL.)
-  Only rank 0 reads a checkpoint; the others build on the meta device and receive their shards by broadcast,
-  so a node holds one fp32 copy in host memory, not one per process.
+* One code path: models are always wrapped with FSDP2 `fully_shard` (per vision block, the vision tower, per
+  decoder layer, the root), also for one process: bf16 compute over fp32 master weights on GPU, gloo on CPU
+  (the reference runs DeepSpeed ZeRO-3 through TRL). Only rank 0 reads a checkpoint; the others receive
+  their shards by broadcast, so a node holds one fp32 copy in host memory, not one per process.
 * Before any model is loaded a run checks its flags (each error names the flag and its range), its output
-  dir (a used one is refused unless resuming or `--overwrite_output_dir true`) and, on resume, the
-  checkpoint's config. Unreadable samples count against `--max_skip_frac`, through resume. As a command
-  (`run_cli`), such user errors print one line and exit 2.
+  dir (a used one is refused unless resuming or `--overwrite_output_dir true`) and, on resume, the saved
+  config. Unreadable samples count against `--max_skip_frac`, through resume. As a command (`run_cli`),
+  such user errors print one line and exit 2.
 * A checkpoint is written under a temporary name, renamed when complete: the policy as `save_pretrained`,
   the training state (optimizer, EMA reference, schedule, every rank's RNG) by torch.distributed.checkpoint.
 """
@@ -199,8 +198,7 @@ def resolve_run(cfg, device) -> Path:
 
 def plan_steps(n_rows: int, prompts_per_device: int, world: int, num_epochs: int, max_steps: int,
                path: Path) -> tuple[int, int]:
-    """(steps per epoch, steps of the run): a step takes prompts_per_device rows on each of `world` processes;
-    the run ends after `num_epochs` or at `max_steps` (> 0), whichever comes first."""
+    """(steps per epoch, steps of the run): the run ends after `num_epochs` or at `max_steps` (> 0) if sooner."""
     per_step = prompts_per_device * world
     steps_per_epoch = n_rows // per_step
     if steps_per_epoch == 0:
@@ -300,11 +298,6 @@ def save_checkpoint(out: Path, step: int, policy, ref, optimizer, scheduler, pro
     return final
 
 
-def latest_checkpoint(out: Path) -> Path | None:
-    done = [p for p in out.glob("checkpoint-*") if not p.name.endswith(".tmp") and (p / "trainer_state.json").exists()]
-    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
-
-
 def _train_state(policy, ref, optimizer) -> dict:  # sharded: each rank saves and loads its own shards
     model_sd, optim_sd = get_state_dict(policy, optimizer)
     return {"model": model_sd, "optim": optim_sd, **({"ref": get_model_state_dict(ref)} if ref is not None else {})}
@@ -323,7 +316,9 @@ def load_checkpoint(path: Path, policy, ref, optimizer, scheduler) -> int:
     random.setstate(rng["python"])
     if rng["cuda"] is not None:
         torch.cuda.set_rng_state_all(rng["cuda"])
-    return json.loads((path / "trainer_state.json").read_text())["step"]
+    step = json.loads((path / "trainer_state.json").read_text())["step"]
+    rank0_print(f"resumed from {path} at step {step}")
+    return step
 
 
 def all_reduce_named(values: dict[str, float], device, op=dist.ReduceOp.SUM) -> dict[str, float]:
@@ -410,7 +405,9 @@ def truncate_history(path: Path, step: int) -> None:
 
 
 def find_resume_checkpoint(out: Path, resume: str) -> Path:
-    ckpt = latest_checkpoint(out) if resume == "latest" else Path(resume)
+    """The checkpoint `resume` names, or for "latest" the complete checkpoint-N of `out` with the highest N."""
+    done = [p for p in out.glob("checkpoint-*") if not p.name.endswith(".tmp") and (p / "trainer_state.json").exists()]
+    ckpt = max(done, key=lambda p: int(p.name.split("-")[1]), default=None) if resume == "latest" else Path(resume)
     if ckpt is None or not (ckpt / "trainer_state.json").exists():
         where = f"no checkpoint in {out}" if resume == "latest" else f"{resume} is not a checkpoint (no trainer_state.json)"
         raise ConfigError(f"--resume_from_checkpoint {resume}: {where}")
@@ -523,8 +520,8 @@ class SkipLog:
 
 
 def readable_prompts(examples: list[dict], collate, skips: SkipLog, max_skip_frac: float, last_step: bool,
-                     device) -> tuple[list[tuple[dict, dict]], int]:
-    """((example, batch on `device`) per readable prompt, the number unreadable here), each prompt collated alone.
+                     device) -> tuple[list[dict], list[dict], int]:
+    """(readable examples, their batches on `device`, the number unreadable here), each prompt collated alone.
     A collective: the step's unreadable samples of all processes go into `skips`, and RunAborted (with the run's
     summary) is raised on every rank alike when the budget is spent. FSDP2 needs every rank to run the same
     passes, so all keep as many prompts as the rank with the fewest (a step may train on fewer prompts)."""
@@ -545,7 +542,8 @@ def readable_prompts(examples: list[dict], collate, skips: SkipLog, max_skip_fra
                          "--max_skip_frac 1 to train on the readable samples only")
     n_common = torch.tensor(len(batches), device=device)
     dist.all_reduce(n_common, op=dist.ReduceOp.MIN)
-    return [(ex, batch.to(device)) for ex, batch in batches[:int(n_common)]], len(collate.failures) - n_failed
+    batches = batches[:int(n_common)]
+    return [ex for ex, _ in batches], [batch.to(device) for _, batch in batches], len(collate.failures) - n_failed
 
 
 def is_disk_full(e: BaseException) -> bool:

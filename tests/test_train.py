@@ -220,7 +220,7 @@ def test_crash_while_saving_keeps_the_previous_checkpoint(toy_world, tmp_path, m
     if dist.is_initialized():
         dist.destroy_process_group()
     assert (tmp_path / "checkpoint-2.tmp").exists() and not (tmp_path / "checkpoint-2").exists()
-    assert infra.latest_checkpoint(tmp_path) == tmp_path / "checkpoint-1"
+    assert infra.find_resume_checkpoint(tmp_path, "latest") == tmp_path / "checkpoint-1"
     Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "checkpoint-1")
     monkeypatch.setattr(grpo_care, "save_checkpoint", real)
     grpo_care.main(args(toy_world, tmp_path, "--max_steps", "2", "--save_steps", "1", "--resume_from_checkpoint", "latest"))
