@@ -69,6 +69,7 @@ import torch.nn.functional as F
 from torch.distributed.fsdp import FSDPModule
 from torch.utils.checkpoint import checkpoint
 from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+from transformers.cache_utils import DynamicLayer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
@@ -287,7 +288,7 @@ def generate_groups(model, batches: list[dict], G: int, tokenizer, max_new_token
                             rows["input_ids"].device, max_new_tokens)
     with gathered(model):
         if share:
-            rows["past_key_values"] = _shared_prefill(model, prompts, G)
+            rows["past_key_values"] = _shared_prefill(model, prompts, G, max_new_tokens)
         out = model.generate(**rows, do_sample=False, logits_processor=LogitsProcessorList([sampler]),
                              temperature=None, top_p=None, top_k=None,  # sampling is the sampler's
                              repetition_penalty=1.0, max_new_tokens=max_new_tokens,
@@ -307,8 +308,9 @@ def generate_groups(model, batches: list[dict], G: int, tokenizer, max_new_token
     return rollouts
 
 
-def _shared_prefill(model, prompts: dict, G: int):
-    """The KV cache of every prompt token but the last, computed once per prompt and repeated for its G rows.
+def _shared_prefill(model, prompts: dict, G: int, room: int):
+    """The KV cache of every prompt token but the last, computed once per prompt and repeated for its G rows,
+    with room for `room` more tokens per row (_PreallocatedLayer).
 
     `generate` would expand the prompt to G rows before its prefill (G times the prompt's work); here
     it continues from this cache and runs only the last prompt token per row. The 3D rope offsets
@@ -320,9 +322,38 @@ def _shared_prefill(model, prompts: dict, G: int):
     position_ids, deltas = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
                                                       attention_mask=inputs["attention_mask"], **grids)  # (3, B, P-1)
     cache = model(**inputs, position_ids=position_ids, use_cache=True, logits_to_keep=1).past_key_values
-    cache.batch_repeat_interleave(G)
+    cache.layers = [_PreallocatedLayer(layer, G, room) for layer in cache.layers]
     model.model.rope_deltas = deltas.repeat_interleave(G, 0)  # (B*G, 1)
     return cache
+
+
+class _PreallocatedLayer(DynamicLayer):
+    """A DynamicLayer of (B, H, L, D) keys and values repeated G times over rows, stored in buffers with room for
+    `room` more tokens: decoding writes each token in place and attends over a view of the first L + t positions.
+
+    DynamicLayer `torch.cat`s the whole cache for every token (for 32 rows of a 280-token toy prompt, 2.4 MB
+    per layer per token, freshly allocated: 21 ms of a 0.3 s rollout); the values read are the same, so the
+    samples are too. Past the room it falls back to DynamicLayer's concatenation."""
+
+    def __init__(self, layer: DynamicLayer, G: int, room: int):
+        super().__init__()
+        self.dtype, self.device, self.is_initialized = layer.keys.dtype, layer.keys.device, True
+        self.buffers = []
+        for cached in (layer.keys, layer.values):  # (B, H, L, D)
+            B, H, L, D = cached.shape
+            buffer = cached.new_empty(B * G, H, L + room, D)
+            buffer.view(B, G, H, L + room, D)[:, :, :, :L] = cached[:, None]  # row b*G + g holds prompt b
+            self.buffers.append(buffer)
+        self.keys, self.values = (b[:, :, :L] for b in self.buffers)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        L, n = self.keys.shape[-2], key_states.shape[-2]
+        if L + n > self.buffers[0].shape[-2]:
+            return super().update(key_states, value_states, *args, **kwargs)
+        for buffer, new in zip(self.buffers, (key_states, value_states)):
+            buffer[:, :, L:L + n] = new
+        self.keys, self.values = (b[:, :, :L + n] for b in self.buffers)
+        return self.keys, self.values
 
 
 def generate_group(model, batch, G: int, tokenizer, **kwargs) -> Rollout:
