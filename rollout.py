@@ -200,8 +200,11 @@ class SeededSampler(LogitsProcessor):
     U uniform; U = 0, probability 2^-24 per entry in float32, rules its token out); z = HF's temperature
     warper and top-p rule (`_nucleus`) applied to the scores the earlier processors (suppress_tokens,
     min_new_tokens: -inf stays -inf) left, the order HF's sampling uses. Row r's t-th token reads the t-th
-    noise vector of generator r, so its samples depend on its seed alone, not on which other rows share
-    the call (up to float rounding of the logits themselves: see generate_groups)."""
+    vector of V uniforms of generator r (drawn k tokens at a time), so its samples depend on its seed alone,
+    not on which other rows share the call (up to float rounding of the logits themselves: see generate_groups).
+    Only the nucleus can win, so only its entries (the `candidates` ids when `_top` answers) become Gumbel
+    noise, and the call returns 0 at the sampled token and -inf elsewhere for `generate`'s argmax: the same
+    token as argmax over the whole vocabulary of z + noise, without (N, V) logs, masks and sums per token."""
 
     def __init__(self, seeds: list[int], temperature: float, top_p: float, device, max_new_tokens: int,
                  block: int = 1 << 16, candidates: int = 64):
@@ -211,29 +214,50 @@ class SeededSampler(LogitsProcessor):
         # each row's noise is drawn for k steps at once (k from the vocabulary size and max_new_tokens only)
         self.block, self.max_new_tokens, self.noise, self.used = block, max_new_tokens, None, 0
 
-    def _nucleus(self, input_ids, scores):  # (N, V) -> (N, V), tokens outside the top-p nucleus at -inf
-        """HF's top-p rule (keep a token when the mass ranked above it is < top_p) from the `candidates` most
-        likely tokens when they hold top_p of the mass in every row, as they all but always do: a top-k, not
-        HF's sort of the whole vocabulary per row and token. Else HF's warper itself."""
+    def _top(self, scores):  # (N, V) -> (index (N, k), in_nucleus (N, k) bool), or None
+        """HF's top-p rule (keep a token when the mass ranked above it is < top_p) on the `candidates` most likely
+        tokens, when they hold top_p of the mass in every row, as they all but always do: a top-k, not HF's sort
+        of the whole vocabulary per row and token. None when they do not."""
         probs = scores.softmax(-1)
         top, index = probs.topk(min(self.candidates, scores.shape[-1]), dim=-1)  # (N, k) descending
         if not bool((top.sum(-1) >= self.top_p).all()):
+            return None
+        return index, top.cumsum(-1) - top < self.top_p
+
+    def _nucleus(self, input_ids, scores):  # (N, V) -> (N, V), tokens outside the top-p nucleus at -inf
+        """HF's top-p warper, from `_top` when it answers."""
+        top = self._top(scores)
+        if top is None:
             return self.full_top_p(input_ids, scores)
-        keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, index, top.cumsum(-1) - top < self.top_p)
+        keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, *top)
         return scores.masked_fill(~keep, -float("inf"))
 
-    def __call__(self, input_ids, scores):  # scores (N, V) float32
-        scores = self.temperature(input_ids, scores)
-        if self.top_p < 1.0:
-            scores = self._nucleus(input_ids, scores)
+    def _uniforms(self, scores):  # (N, V) -> this step's (N, V) uniforms, row r from generator r
         N, V = scores.shape
         if self.noise is None or self.used == self.noise.shape[1]:  # the next k steps' noise, one draw per row
             k = max(1, min(self.max_new_tokens, self.block // V))
-            self.noise = torch.stack([torch.rand(k, V, device=scores.device, generator=g)
-                                      for g in self.generators]).log_().neg_().log_()  # (N, k, V) -Gumbel
+            if self.noise is None:
+                self.noise = torch.empty(N, k, V, device=scores.device)
+            for r, g in enumerate(self.generators):
+                torch.rand(k, V, generator=g, out=self.noise[r])  # (k, V), in place
             self.used = 0
         self.used += 1
-        return scores - self.noise[:, self.used - 1]  # + Gumbel noise
+        return self.noise[:, self.used - 1]
+
+    def __call__(self, input_ids, scores):  # scores (N, V) float32 -> (N, V): 0 at the sampled token, else -inf
+        scores = self.temperature(input_ids, scores)
+        u = self._uniforms(scores)
+        top = self._top(scores) if self.top_p < 1.0 else None
+        if top is None:  # the whole vocabulary
+            z = self.full_top_p(input_ids, scores) if self.top_p < 1.0 else scores
+            noisy, index = z - u.log().neg_().log_(), None  # + Gumbel noise
+        else:  # only the nucleus can win: noise for the candidates alone
+            index, kept = top
+            z = scores.gather(-1, index).masked_fill_(~kept, -float("inf"))  # (N, k)
+            noisy = z - u.gather(-1, index).log_().neg_().log_()
+        pick = noisy.argmax(-1, keepdim=True)  # (N, 1)
+        pick = pick if index is None else index.gather(-1, pick)
+        return torch.full_like(scores, -float("inf")).scatter_(-1, pick, 0.0)
 
 
 def _merge_rows(inputs: list[dict], pad: int) -> dict:
