@@ -211,7 +211,9 @@ class SeededSampler(LogitsProcessor):
     not on which other rows share the call (up to float rounding of the logits themselves: see generate_groups).
     Only the nucleus can win, so only its entries (the `candidates` ids when `_top` answers) become Gumbel
     noise, and the call returns 0 at the sampled token and -inf elsewhere for `generate`'s argmax: the same
-    token as argmax over the whole vocabulary of z + noise, without (N, V) logs, masks and sums per token."""
+    token as argmax over the whole vocabulary of z + noise, without (N, V) logs, masks and sums per token
+    (but a row whose every nucleus entry drew U = 0, 2^-24 a token for a one-token nucleus, gets its most
+    likely token, where the full argmax gave token id 0)."""
 
     def __init__(self, seeds: list[int], temperature: float, top_p: float, device, max_new_tokens: int,
                  block: int = 1 << 16, candidates: int = 64):
