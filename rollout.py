@@ -23,6 +23,13 @@ the same code runs on 1 GPU and under `accelerate launch` (each rank rolls out i
   (G times the prompt's work); `_shared_prefill` runs every prompt token but the last once per prompt and
   repeats the KV cache (and the 3D rope offsets) for the G rows, and `generate` continues from it. With
   a `cache_implementation` set (a static cache, which `generate` allocates itself) the rows prefill in full.
+* Lean decoding steps: on a CPU (the toy) a decoding step costs more with every row, and padding (prompts
+  of different lengths) adds its own cost. So the KV cache is preallocated for the prompt plus
+  max_new_tokens (`_PreallocatedLayer`: a token is written in place, where HF's dynamic cache copies the
+  whole cache per token); Gumbel noise is made for the top-p candidates only (SeededSampler); and a padded
+  step's attention mask, for one new token the 2D padding mask, is handed to the model ready-made
+  (`_decode_mask`), not built by HF's general mask functions. None of these changes a sampled token (toy
+  warm start: 512 of 512 rows the same); BENCHMARKS.md section 3 times them.
 * Vision once: `encode_vision` runs the vision tower once for all images and videos of the B
   prompts (a "vision call" is one call of `model.model.visual`); `select_prompts` hands the features to the
   G rows of each prompt by reference (transformers 5 `mm_encoder_outputs`), never recomputing them.
@@ -69,6 +76,7 @@ import torch.nn.functional as F
 from torch.distributed.fsdp import FSDPModule
 from torch.utils.checkpoint import checkpoint
 from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+from transformers.cache_utils import DynamicLayer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
@@ -199,8 +207,13 @@ class SeededSampler(LogitsProcessor):
     U uniform; U = 0, probability 2^-24 per entry in float32, rules its token out); z = HF's temperature
     warper and top-p rule (`_nucleus`) applied to the scores the earlier processors (suppress_tokens,
     min_new_tokens: -inf stays -inf) left, the order HF's sampling uses. Row r's t-th token reads the t-th
-    noise vector of generator r, so its samples depend on its seed alone, not on which other rows share
-    the call (up to float rounding of the logits themselves: see generate_groups)."""
+    vector of V uniforms of generator r (drawn k tokens at a time), so its samples depend on its seed alone,
+    not on which other rows share the call (up to float rounding of the logits themselves: see generate_groups).
+    Only the nucleus can win, so only its entries (the `candidates` ids when `_top` answers) become Gumbel
+    noise, and the call returns 0 at the sampled token and -inf elsewhere for `generate`'s argmax: the same
+    token as argmax over the whole vocabulary of z + noise, without (N, V) logs, masks and sums per token
+    (but a row whose every nucleus entry drew U = 0, 2^-24 a token for a one-token nucleus, gets its most
+    likely token, where the full argmax gave token id 0)."""
 
     def __init__(self, seeds: list[int], temperature: float, top_p: float, device, max_new_tokens: int,
                  block: int = 1 << 16, candidates: int = 64):
@@ -210,29 +223,50 @@ class SeededSampler(LogitsProcessor):
         # each row's noise is drawn for k steps at once (k from the vocabulary size and max_new_tokens only)
         self.block, self.max_new_tokens, self.noise, self.used = block, max_new_tokens, None, 0
 
-    def _nucleus(self, input_ids, scores):  # (N, V) -> (N, V), tokens outside the top-p nucleus at -inf
-        """HF's top-p rule (keep a token when the mass ranked above it is < top_p) from the `candidates` most
-        likely tokens when they hold top_p of the mass in every row, as they all but always do: a top-k, not
-        HF's sort of the whole vocabulary per row and token. Else HF's warper itself."""
+    def _top(self, scores):  # (N, V) -> (index (N, k), in_nucleus (N, k) bool), or None
+        """HF's top-p rule (keep a token when the mass ranked above it is < top_p) on the `candidates` most likely
+        tokens, when they hold top_p of the mass in every row, as they all but always do: a top-k, not HF's sort
+        of the whole vocabulary per row and token. None when they do not."""
         probs = scores.softmax(-1)
         top, index = probs.topk(min(self.candidates, scores.shape[-1]), dim=-1)  # (N, k) descending
         if not bool((top.sum(-1) >= self.top_p).all()):
+            return None
+        return index, top.cumsum(-1) - top < self.top_p
+
+    def _nucleus(self, input_ids, scores):  # (N, V) -> (N, V), tokens outside the top-p nucleus at -inf
+        """HF's top-p warper, from `_top` when it answers."""
+        top = self._top(scores)
+        if top is None:
             return self.full_top_p(input_ids, scores)
-        keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, index, top.cumsum(-1) - top < self.top_p)
+        keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, *top)
         return scores.masked_fill(~keep, -float("inf"))
 
-    def __call__(self, input_ids, scores):  # scores (N, V) float32
-        scores = self.temperature(input_ids, scores)
-        if self.top_p < 1.0:
-            scores = self._nucleus(input_ids, scores)
+    def _uniforms(self, scores):  # (N, V) -> this step's (N, V) uniforms, row r from generator r
         N, V = scores.shape
         if self.noise is None or self.used == self.noise.shape[1]:  # the next k steps' noise, one draw per row
             k = max(1, min(self.max_new_tokens, self.block // V))
-            self.noise = torch.stack([torch.rand(k, V, device=scores.device, generator=g)
-                                      for g in self.generators]).log_().neg_().log_()  # (N, k, V) -Gumbel
+            if self.noise is None:
+                self.noise = torch.empty(N, k, V, device=scores.device)
+            for r, g in enumerate(self.generators):
+                torch.rand(k, V, generator=g, out=self.noise[r])  # (k, V), in place
             self.used = 0
         self.used += 1
-        return scores - self.noise[:, self.used - 1]  # + Gumbel noise
+        return self.noise[:, self.used - 1]
+
+    def __call__(self, input_ids, scores):  # scores (N, V) float32 -> (N, V): 0 at the sampled token, else -inf
+        scores = self.temperature(input_ids, scores)
+        u = self._uniforms(scores)
+        top = self._top(scores) if self.top_p < 1.0 else None
+        if top is None:  # the whole vocabulary
+            z = self.full_top_p(input_ids, scores) if self.top_p < 1.0 else scores
+            noisy, index = z - u.log().neg_().log_(), None  # + Gumbel noise
+        else:  # only the nucleus can win: noise for the candidates alone
+            index, kept = top
+            z = scores.gather(-1, index).masked_fill_(~kept, -float("inf"))  # (N, k)
+            noisy = z - u.gather(-1, index).log_().neg_().log_()
+        pick = noisy.argmax(-1, keepdim=True)  # (N, 1)
+        pick = pick if index is None else index.gather(-1, pick)
+        return torch.full_like(scores, -float("inf")).scatter_(-1, pick, 0.0)
 
 
 def _merge_rows(inputs: list[dict], pad: int) -> dict:
@@ -285,14 +319,21 @@ def generate_groups(model, batches: list[dict], G: int, tokenizer, max_new_token
         if share else prompts
     sampler = SeededSampler([row_seed(s, g) for s in seeds for g in range(G)], temperature, top_p,
                             rows["input_ids"].device, max_new_tokens)
-    with gathered(model):
-        if share:
-            rows["past_key_values"] = _shared_prefill(model, prompts, G)
-        out = model.generate(**rows, do_sample=False, logits_processor=LogitsProcessorList([sampler]),
-                             temperature=None, top_p=None, top_k=None,  # sampling is the sampler's
-                             repetition_penalty=1.0, max_new_tokens=max_new_tokens,
-                             min_new_tokens=min_new_tokens,  # > 0 only for benchmarks
-                             eos_token_id=eos, pad_token_id=pad, synced_gpus=False, suppress_tokens=placeholders)
+    text = model.model.language_model
+    fast_mask = text.config._attn_implementation == "sdpa" and set(text.config.layer_types) == {"full_attention"}
+    hook = text.register_forward_pre_hook(_decode_mask, with_kwargs=True) if fast_mask else None
+    try:
+        with gathered(model):
+            if share:
+                rows["past_key_values"] = _shared_prefill(model, prompts, G, max_new_tokens)
+            out = model.generate(**rows, do_sample=False, logits_processor=LogitsProcessorList([sampler]),
+                                 temperature=None, top_p=None, top_k=None,  # sampling is the sampler's
+                                 repetition_penalty=1.0, max_new_tokens=max_new_tokens,
+                                 min_new_tokens=min_new_tokens,  # > 0 only for benchmarks
+                                 eos_token_id=eos, pad_token_id=pad, synced_gpus=False, suppress_tokens=placeholders)
+    finally:
+        if hook is not None:
+            hook.remove()
     completions = out[:, rows["input_ids"].shape[1]:]  # (sum(B) * G, T)
     rollouts, at = [], 0
     for batch, mm, B in zip(batches, mms, sizes):
@@ -307,8 +348,23 @@ def generate_groups(model, batches: list[dict], G: int, tokenizer, max_new_token
     return rollouts
 
 
-def _shared_prefill(model, prompts: dict, G: int):
-    """The KV cache of every prompt token but the last, computed once per prompt and repeated for its G rows.
+def _decode_mask(text_model, args, kwargs):
+    """Forward pre-hook of the text model (SDPA, full attention only) during generate_groups: for a decoding step
+    (one new token per row) it hands over the mask HF would build, made in one op. The new token attends to every
+    cached position, so HF's causal mask is then the 2D padding mask as (N, 1, 1, L) bool, or None when nothing
+    is padded (as HF, which builds it through its general mask functions: for 32 padded toy rows ~0.4 ms a
+    token, 15 ms of a 0.28 s rollout). Prefill steps, and masks that are not 2D over exactly the cache plus the
+    new token, go to HF unchanged."""
+    mask, cache, embeds = kwargs.get("attention_mask"), kwargs.get("past_key_values"), kwargs.get("inputs_embeds")
+    if (isinstance(mask, torch.Tensor) and mask.ndim == 2 and embeds is not None and embeds.shape[1] == 1
+            and cache is not None and mask.shape[1] == cache.get_seq_length() + 1):
+        kwargs["attention_mask"] = {"full_attention": None if bool(mask.all()) else mask.bool()[:, None, None, :]}
+    return args, kwargs
+
+
+def _shared_prefill(model, prompts: dict, G: int, room: int):
+    """The KV cache of every prompt token but the last, computed once per prompt and repeated for its G rows,
+    with room for `room` more tokens per row (_PreallocatedLayer).
 
     `generate` would expand the prompt to G rows before its prefill (G times the prompt's work); here
     it continues from this cache and runs only the last prompt token per row. The 3D rope offsets
@@ -320,9 +376,38 @@ def _shared_prefill(model, prompts: dict, G: int):
     position_ids, deltas = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
                                                       attention_mask=inputs["attention_mask"], **grids)  # (3, B, P-1)
     cache = model(**inputs, position_ids=position_ids, use_cache=True, logits_to_keep=1).past_key_values
-    cache.batch_repeat_interleave(G)
+    cache.layers = [_PreallocatedLayer(layer, G, room) for layer in cache.layers]
     model.model.rope_deltas = deltas.repeat_interleave(G, 0)  # (B*G, 1)
     return cache
+
+
+class _PreallocatedLayer(DynamicLayer):
+    """A DynamicLayer of (B, H, L, D) keys and values repeated G times over rows, stored in buffers with room for
+    `room` more tokens: decoding writes each token in place and attends over a view of the first L + t positions.
+
+    DynamicLayer `torch.cat`s the whole cache for every token (for 32 rows of a 280-token toy prompt, 2.4 MB
+    per layer per token, freshly allocated: 21 ms of a 0.3 s rollout); the values read are the same, so the
+    samples are too. Past the room it falls back to DynamicLayer's concatenation."""
+
+    def __init__(self, layer: DynamicLayer, G: int, room: int):
+        super().__init__()
+        self.dtype, self.device, self.is_initialized = layer.keys.dtype, layer.keys.device, True
+        self.buffers = []
+        for cached in (layer.keys, layer.values):  # (B, H, L, D)
+            B, H, L, D = cached.shape
+            buffer = cached.new_empty(B * G, H, L + room, D)
+            buffer.view(B, G, H, L + room, D)[:, :, :, :L] = cached[:, None]  # row b*G + g holds prompt b
+            self.buffers.append(buffer)
+        self.keys, self.values = (b[:, :, :L] for b in self.buffers)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        L, n = self.keys.shape[-2], key_states.shape[-2]
+        if L + n > self.buffers[0].shape[-2]:
+            return super().update(key_states, value_states, *args, **kwargs)
+        for buffer, new in zip(self.buffers, (key_states, value_states)):
+            buffer[:, :, L:L + n] = new
+        self.keys, self.values = (b[:, :, :L + n] for b in self.buffers)
+        return self.keys, self.values
 
 
 def generate_group(model, batch, G: int, tokenizer, **kwargs) -> Rollout:
