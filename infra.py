@@ -73,7 +73,7 @@ class RunConfig:
     overwrite_output_dir: bool = field(default=False, metadata={"help": "start over in a used output_dir (deletes its run)"})
     toy_dir: str = field(default=".cache/toy", metadata={"help": "where the toy world is built when model_path is empty"})
     toy: bool | None = field(default=None, metadata={"help": "toy-sized settings (toy.py); default: when model_path is empty"})
-    seed: int = field(default=42, metadata={"help": "seeds data order, option shuffles and sampling"})
+    seed: int = field(default=42, metadata={"help": "seeds data order, option shuffles (and GRPO's sampling)"})
     shuffle_options: bool = field(default=True, metadata={"help": "shuffle training options (false: alphabetical)"})
     prompts_per_device: int = field(default=1, metadata={"help": "prompts per process per step"})
     num_epochs: int = field(default=1, metadata={"help": "passes over the training file"})
