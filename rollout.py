@@ -205,7 +205,7 @@ class SeededSampler(LogitsProcessor):
 
     argmax(z + Gumbel noise) is an exact sample from softmax(z) (the Gumbel-max trick; Gumbel = -log(-log U),
     U uniform; U = 0, probability 2^-24 per entry in float32, rules its token out); z = HF's temperature
-    warper and top-p rule (`_nucleus`) applied to the scores the earlier processors (suppress_tokens,
+    warper and top-p rule (`_top`, else HF's warper) applied to the scores the earlier processors (suppress_tokens,
     min_new_tokens: -inf stays -inf) left, the order HF's sampling uses. Row r's t-th token reads the t-th
     vector of V uniforms of generator r (drawn k tokens at a time), so its samples depend on its seed alone,
     not on which other rows share the call (up to float rounding of the logits themselves: see generate_groups).
@@ -232,14 +232,6 @@ class SeededSampler(LogitsProcessor):
         if not bool((top.sum(-1) >= self.top_p).all()):
             return None
         return index, top.cumsum(-1) - top < self.top_p
-
-    def _nucleus(self, input_ids, scores):  # (N, V) -> (N, V), tokens outside the top-p nucleus at -inf
-        """HF's top-p warper, from `_top` when it answers."""
-        top = self._top(scores)
-        if top is None:
-            return self.full_top_p(input_ids, scores)
-        keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, *top)
-        return scores.masked_fill(~keep, -float("inf"))
 
     def _uniforms(self, scores):  # (N, V) -> this step's (N, V) uniforms, row r from generator r
         N, V = scores.shape

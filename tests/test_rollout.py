@@ -158,15 +158,17 @@ def test_seeded_sampler_samples_the_filtered_softmax(temperature, top_p, expecte
     assert [again(None, scores.clone()).argmax(-1).item() for _ in range(20)] == picks[:20].view(-1).tolist()
 
 
-def test_nucleus_equals_hf_top_p():
+def test_top_candidates_nucleus_equals_hf_top_p():
     from transformers import TopPLogitsWarper
 
     torch.manual_seed(0)
     scores = torch.randn(6, 50) * 5  # (N, V) peaked enough that 8 candidates hold 0.9 of the mass in every row
     sampler = SeededSampler([0] * 6, 1.0, 0.9, torch.device("cpu"), max_new_tokens=1, candidates=8)
     assert (scores.softmax(-1).topk(8).values.sum(-1) >= 0.9).all(), "the fast path is taken"
-    ours, hf = sampler._nucleus(None, scores), TopPLogitsWarper(0.9)(None, scores)
-    assert torch.equal(ours.isinf(), hf.isinf()) and (~ours.isinf()).sum(-1).max() > 1, "a nucleus of several tokens"
+    index, in_nucleus = sampler._top(scores)  # (N, 8) each
+    kept = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, index, in_nucleus)  # (N, V)
+    hf = TopPLogitsWarper(0.9)(None, scores)
+    assert torch.equal(~kept, hf.isinf()) and kept.sum(-1).max() > 1, "a nucleus of several tokens"
 
 
 @pytest.mark.parametrize("top_p, candidates", [(0.9, 8), (0.9, 1), (1.0, 8)])  # candidates 1: HF's warper; top-p 1: none
