@@ -50,6 +50,7 @@ from data import Collator, check_media_dirs, load_examples, step_examples
 import budgets
 import checkpoints
 import logs
+import memory
 from config import (NONNEG, POSITIVE, RunConfig, between, int_ge, parse_run_config, plan_steps, run_cli,
                     set_device_defaults, setting, use_toy_world)
 from distributed import all_reduce_named, load_model, optimizer_step, rank0_print, setup_distributed
@@ -280,6 +281,7 @@ def main(argv: list[str] | None = None):
     ckpt, saved = checkpoints.open_run_dir(out, cfg, total_steps)  # a collective
 
     # --- models: the policy, and the EMA reference (CARE) or a frozen one (beta > 0) ---
+    memory.print_plan(cfg, device)  # on a GPU: the per-GPU memory plan, and a warning if it does not fit
     processor = AutoProcessor.from_pretrained(cfg.model_path)  # its tokenizer decodes and finds answer spans
     policy = load_model(cfg.model_path, cfg, device, trainable=True)
     ref = load_model(cfg.model_path, cfg, device, trainable=False).eval() if (cfg.use_care or cfg.beta > 0) else None

@@ -21,7 +21,10 @@ import math
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
+
+from distributed import rank0_print, shard_model
 
 GIB = 2 ** 30
 HEADROOM = 0.10  # of the GPU's memory left for the CUDA context, NCCL and fragmentation
@@ -68,18 +71,6 @@ def update_activation_bytes(tokens: int, completion_tokens: int, rows: int, seq:
 # --- the plan ---
 
 
-def shard_model(model, mesh, bf16: bool, trainable: bool):  # TEMPORARY copy of infra.load_model's calls (#22)
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
-    for block in model.model.visual.blocks:
-        fully_shard(block, mesh=mesh, mp_policy=mp)
-    fully_shard(model.model.visual, mesh=mesh, mp_policy=mp)
-    for layer in model.model.language_model.layers:
-        fully_shard(layer, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=not trainable)
-
-
 def plan(*, shard: int, full: int, root: int, unit: int, layers: int, H: int, I: int, kv: int, head_dim: int, vocab: int,
          depth: int, Hv: int, Iv: int, merge: int, prompts: int, G: int, prompt_tokens: int, new_tokens: int,
          vision_tokens: int, bf16: bool, checkpointing: bool, gqa_expanded: bool, reference: bool, chunk: int,
@@ -104,7 +95,7 @@ def plan(*, shard: int, full: int, root: int, unit: int, layers: int, H: int, I:
                   optimizer_step=resident + parts["grads"] + 4 * shard)  # AdamW's foreach sqrt temporary
     gb = lambda x: round(x / GIB, 3)  # noqa: E731
     peak = max(phases.values())
-    out = dict(per_gpu_gb={k: gb(v) for k, v in parts.items()}, phases_gb={k: gb(v) for k, v in phases.items()},
+    out = dict(per_gpu_gb={k: gb(v) for k, v in parts.items()}, per_gpu_bytes=parts, phases_gb={k: gb(v) for k, v in phases.items()},
                activations_gb=dict(checkpointing=gb(act(True) + fsdp), no_checkpointing=gb(act(False) + fsdp)),
                peak_gb=gb(peak), gpu_memory_gb=gpu_memory_gb, params=full, shard_params=shard,
                fits=None if gpu_memory_gb is None else peak / GIB <= (1 - HEADROOM) * gpu_memory_gb,
@@ -198,3 +189,25 @@ def levers(inputs: dict) -> list[str]:
              ("--prompts_per_device 1", dict(prompts=1)) if a["prompts"] > 1 else None,
              ("twice the GPUs", dict(shard=math.ceil(a["shard"] / 2)))]
     return [f"{flag}: peak {plan(**{**a, **change})['peak_gb']:.2f} GB" for flag, change in filter(None, tries)]
+
+
+def plan_report(cfg, mesh, gpu_memory_gb: float) -> str:
+    """The plan of run `cfg` sharded over `mesh`, as text; when it does not fit, a warning naming the flags."""
+    from transformers import AutoConfig
+
+    inputs = plan_inputs(AutoConfig.from_pretrained(cfg.model_path), mesh, cfg, gpu_memory_gb)
+    p = plan(**inputs)
+    text = render(p, mesh.size())
+    if not p["fits"]:
+        text += (f"\nwarning: the peak ({p['peak_gb']:.1f} GB) exceeds {1 - HEADROOM:.0%} of this GPU's "
+                 f"{gpu_memory_gb:.1f} GB; what lowers it:\n  " + "\n  ".join(levers(inputs)))
+    return text
+
+
+def print_plan(cfg, device) -> None:
+    """On a CUDA device, rank 0 prints the run's plan before any weights load (a warning if it does not fit);
+    nothing elsewhere. No communication: the meta model is sharded locally."""
+    if device.type != "cuda":
+        return
+    mesh = init_device_mesh("cuda", (dist.get_world_size(),))
+    rank0_print(plan_report(cfg, mesh, torch.cuda.get_device_properties(device).total_memory / GIB))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,8 +28,9 @@ from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 from transformers import AutoConfig, Qwen2_5_VLConfig  # noqa: E402
 
 import memory  # noqa: E402
-from grpo_care import CONFIG_RULES, Config  # noqa: E402
-from infra import ConfigError, parse_flags, run_cli  # noqa: E402
+import toy  # noqa: E402
+from config import ConfigError, RunConfig, int_ge, redefault, parse_run_config, run_cli, setting  # noqa: E402
+from grpo_care import Config  # noqa: E402
 
 # Qwen/Qwen2.5-VL-7B-Instruct's config.json (the values that set memory; untied LM head).
 QWEN25_VL_7B_ID = "Qwen/Qwen2.5-VL-7B-Instruct"
@@ -49,11 +50,13 @@ QWEN25_VL_7B = dict(
 
 @dataclass
 class PlanConfig(Config):
-    gpus: int = field(default=1, metadata={"help": "processes (GPUs) the model is sharded over"})
-    gpu_memory_gb: float | None = field(default=None, metadata={"help": "memory of one GPU, GiB (80 for an 80 GB card)"})
-    prompt_tokens: int | None = field(default=None, metadata={"help": "default: the longest the media flags allow"})
-    vision_tokens: int | None = field(default=None, metadata={"help": "default: prompt_tokens less 216 text tokens"})
-    json: bool = field(default=False, metadata={"help": "print one JSON object instead of the table"})
+    data_root: str | None = redefault(RunConfig, "data_root", ".")  # no data is read
+    gpus: int = setting(1, "processes (GPUs) the model is sharded over", int_ge(1))
+    gpu_memory_gb: float | None = setting(None, "memory of one GPU, GiB (80 for an 80 GB card)",
+                                          ("> 0", lambda v: v is None or v > 0))
+    prompt_tokens: int | None = setting(None, "default: the longest the media flags allow")
+    vision_tokens: int | None = setting(None, "default: prompt_tokens less 216 text tokens")
+    json: bool = setting(False, "print one JSON object instead of the table")
 
 
 def model_config(path: str):
@@ -65,14 +68,9 @@ def model_config(path: str):
 
 
 def parse(argv: list[str]) -> PlanConfig:
-    cfg = parse_flags(PlanConfig, argv)
-    rules = {**CONFIG_RULES, "gpus": ("an integer >= 1", lambda v: v >= 1),
-             "gpu_memory_gb": ("> 0", lambda v: v is None or v > 0)}
-    for flag, (allowed, ok) in rules.items():
-        if not ok(getattr(cfg, flag)):
-            raise ConfigError(f"--{flag} {getattr(cfg, flag)!r}: must be {allowed}")
-    if not cfg.model_path:
+    if not any(a.split("=")[0] == "--model_path" for a in argv):
         raise ConfigError(f"--model_path is required (a save_pretrained dir, or {QWEN25_VL_7B_ID})")
+    cfg = parse_run_config(PlanConfig, argv, toy.RL_DEFAULTS)
     cfg.bf16 = True if cfg.bf16 is None else cfg.bf16  # a GPU run's defaults
     cfg.gradient_checkpointing = True if cfg.gradient_checkpointing is None else cfg.gradient_checkpointing
     cfg.attn_implementation = cfg.attn_implementation or "sdpa"
