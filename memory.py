@@ -8,11 +8,12 @@ process group in bench/memory_plan.py, the run's own in grpo_care.py), so every 
 Per GPU: the fp32 policy shard, its fp32 gradients and AdamW's two moments; the fp32 EMA reference shard;
 the full copy that generation gathers (rollout.gathered, in the compute dtype) and the KV cache of
 prompts x G rows x (prompt + new tokens); the update's working set for one prompt's G rows (saved
-activations, with or without gradient checkpointing, and the units FSDP2 gathers meanwhile). Phases:
-generation, update and optimizer step each add to what stays resident; the peak is the largest. GB are
-GiB (2^30 bytes), as torch.cuda reports them. bench/memory_check.py compares the figures with measured
-peaks (BENCHMARKS.md section 4). Not counted: the CUDA context, NCCL buffers, allocator fragmentation
-(hence HEADROOM), the reference's no-grad pass (smaller than the update).
+activations, with or without gradient checkpointing, the units FSDP2 gathers meanwhile, or the root's
+gradient reduction if larger). Phases: generation, update (counted with the gradients of an earlier prompt
+present) and optimizer step each add to what stays resident; the peak is the largest. GB are GiB (2^30
+bytes), as torch.cuda reports them. bench/memory_check.py compares the figures with measured peaks
+(BENCHMARKS.md section 4). Not counted: the CUDA context, NCCL buffers, allocator fragmentation (hence
+HEADROOM), the reference's no-grad pass (smaller than the update).
 """
 from __future__ import annotations
 
@@ -71,10 +72,10 @@ def update_activation_bytes(tokens: int, completion_tokens: int, rows: int, seq:
 # --- the plan ---
 
 
-def plan(*, shard: int, full: int, root: int, unit: int, layers: int, H: int, I: int, kv: int, head_dim: int, vocab: int,
-         depth: int, Hv: int, Iv: int, merge: int, prompts: int, G: int, prompt_tokens: int, new_tokens: int,
-         vision_tokens: int, bf16: bool, checkpointing: bool, gqa_expanded: bool, reference: bool, chunk: int,
-         gpu_memory_gb: float | None = None) -> dict:
+def plan(*, shard: int, full: int, root: int, unit: int, layers: int, H: int, I: int, kv: int, head_dim: int,
+         vocab: int, depth: int, Hv: int, Iv: int, merge: int, prompts: int, G: int, prompt_tokens: int,
+         new_tokens: int, vision_tokens: int, bf16: bool, checkpointing: bool, gqa_expanded: bool, reference: bool,
+         chunk: int, gpu_memory_gb: float | None = None) -> dict:
     """Per-GPU bytes of a step from plain numbers: `shard` parameters in this rank's (largest) FSDP2 shard,
     `full` parameters gathered (padded), `root` of them in the root unit (embeddings, head: kept gathered
     from forward to backward, with their unsharded gradients), `unit` in the largest other unit."""
@@ -84,10 +85,13 @@ def plan(*, shard: int, full: int, root: int, unit: int, layers: int, H: int, I:
         G * seq, G * new_tokens, G, seq, vision_tokens * merge, layers, depth, H, I, kv, head_dim, Hv, Iv, vocab,
         chunk, b, ckpt, gqa_expanded)
     fsdp = b * (root + vocab * H + 2 * unit)  # gathered: the root (kept to backward), the head's gradient, 2 units
+    # the end of backward: the root still gathered, its gradients, their fp32 copy for the reduce-scatter
+    root_reduce = root * (2 * b + 4)
+    work = lambda ckpt: max(act(ckpt) + fsdp, root_reduce)  # noqa: E731
     parts = dict(policy_params=4 * shard, grads=4 * shard, optimizer=8 * shard,
                  ema_reference=4 * shard if reference else 0, generation_copy=b * full,
                  kv_cache=(rows * seq + prompts * prompt_tokens) * layers * 2 * kv * b,  # + the prompts' prefill cache
-                 activations=act(checkpointing) + fsdp)
+                 activations=work(checkpointing))
     resident = parts["policy_params"] + parts["optimizer"] + parts["ema_reference"]
     prefill = prompts * prompt_tokens * b * (3 * I + 4 * H) + rows * vocab * 12  # one layer; logits and noise
     phases = dict(generation=resident + parts["generation_copy"] + parts["kv_cache"] + prefill,
@@ -95,14 +99,14 @@ def plan(*, shard: int, full: int, root: int, unit: int, layers: int, H: int, I:
                   optimizer_step=resident + parts["grads"] + 4 * shard)  # AdamW's foreach sqrt temporary
     gb = lambda x: round(x / GIB, 3)  # noqa: E731
     peak = max(phases.values())
-    out = dict(per_gpu_gb={k: gb(v) for k, v in parts.items()}, per_gpu_bytes=parts, phases_gb={k: gb(v) for k, v in phases.items()},
-               activations_gb=dict(checkpointing=gb(act(True) + fsdp), no_checkpointing=gb(act(False) + fsdp)),
+    return dict(per_gpu_gb={k: gb(v) for k, v in parts.items()}, per_gpu_bytes=parts,
+               phases_gb={k: gb(v) for k, v in phases.items()},
+               activations_gb=dict(checkpointing=gb(work(True)), no_checkpointing=gb(work(False))),
                peak_gb=gb(peak), gpu_memory_gb=gpu_memory_gb, params=full, shard_params=shard,
                fits=None if gpu_memory_gb is None else peak / GIB <= (1 - HEADROOM) * gpu_memory_gb,
                settings=dict(prompts_per_device=prompts, num_generations=G, prompt_tokens=prompt_tokens,
                              max_new_tokens=new_tokens, bf16=bf16, gradient_checkpointing=checkpointing,
                              reference=reference, logprob_chunk=chunk))
-    return out
 
 
 def prompt_tokens_bound(video_max_frames: int, video_max_pixels: int, image_max_pixels: int, merge_px: int = 28,
@@ -157,7 +161,8 @@ def plan_inputs(config, mesh, cfg, gpu_memory_gb=None, prompt_tokens=None, visio
 
 LABELS = dict(policy_params="policy (fp32 shard)", grads="gradients (fp32 shard)",
               optimizer="AdamW state (2 x fp32 shard)", ema_reference="EMA reference (fp32 shard)",
-              generation_copy="generation copy (gathered, {dtype})", kv_cache="KV cache ({rows} rows x {seq} positions)",
+              generation_copy="generation copy (gathered, {dtype})",
+              kv_cache="KV cache ({rows} rows x {seq} positions)",
               activations="update activations ({ckpt}) + FSDP2 units")
 
 

@@ -32,7 +32,7 @@ if [ -n "${GPU_RUN_DRY:-}" ]; then
   exit 0
 fi
 nvidia-smi > "$out/nvidia-smi.txt" 2>&1
-timeout 270 "$py" bench/gpu.py --out "$out/group.json" --model_dir .cache/bench-3b --phases group,sweep
+timeout 300 "$py" bench/gpu.py --out "$out/group.json" --model_dir .cache/bench-3b --phases group,sweep
 echo "group,sweep: exit $? at $((SECONDS - start)) s"
 mem=$("$py" -c "import torch; print(torch.cuda.get_device_properties(0).total_memory / 2**30)")
 ref=$("$py" -c "print('true' if $mem >= 100 else 'false')")  # bench/gpu.py --ref auto: a separate reference >= 100 GiB

@@ -27,6 +27,20 @@ def test_layer_and_block_bytes_by_hand():
     assert memory.prompt_tokens_bound(16, 128 * 28 * 28, 256 * 28 * 28) == 1496
 
 
+def test_update_activations_by_hand():
+    # 2 rows x 5 positions = 10 tokens (4 through the head), 8 patches; 2 layers (H 4, I 8, kv 2: 152 bytes a token),
+    # 1 vision block (Hv 4, Iv 8: 184 a patch), bf16. Saved without checkpointing: layers 2 x 152 x 10 = 3,040,
+    # block 184 x 8 = 1,472, patch embedding + merger (8 + 16) x 4 x 8 = 768, final norm (4 + 2) x 4 x 10 = 240,
+    # rotary cos, sin 2 x 2 x 2 x 10 = 80, head input 2 x 4 x 4 = 32, mask 2 x 2 x 5 x 5 = 100: 5,732. Then the
+    # larger of the head's chunk 2 x 16 x (2 + 12) = 448 and one layer's backward 10 x 2 x (3 x 8 + 2 x 4) = 640.
+    kw = dict(tokens=10, completion_tokens=4, rows=2, seq=5, patches=8, layers=2, depth=1, H=4, I=8, kv=2, head_dim=2,
+              Hv=4, Iv=8, vocab=16, chunk=2, b=2, gqa_expanded=False)
+    assert memory.update_activation_bytes(checkpointing=False, **kw) == 5732 + 640
+    # checkpointing: each layer keeps its input, 2 x (2 x 4) x 10 = 160, the block 8 x 8 = 64; the rest as above
+    # (768 + 240 + 80 + 32 + 100): 1,444; then one layer recomputed, max(152 x 10, 184 x 8) = 1,520, + 640
+    assert memory.update_activation_bytes(checkpointing=True, **kw) == 1444 + 1520 + 640
+
+
 TINY = dict(  # text: hidden 16, 2 heads of 8, 1 KV head, MLP 32, 1 layer, vocabulary 64, untied head
     text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                      num_key_value_heads=1, vocab_size=64, tie_word_embeddings=False,
