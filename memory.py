@@ -151,7 +151,7 @@ def plan_inputs(config, mesh, cfg, gpu_memory_gb=None, prompt_tokens=None, visio
     shard_model(model, mesh, cfg.bf16, trainable=True)
     bound = prompt_tokens_bound(cfg.video_max_frames, cfg.video_max_pixels, cfg.image_max_pixels)
     prompt_tokens = prompt_tokens or bound
-    vision_tokens = vision_tokens or prompt_tokens - TEXT_TOKENS
+    vision_tokens = vision_tokens or max(prompt_tokens - TEXT_TOKENS, 0)
     return dict(**model_sizes(model), **config_dims(config), prompts=cfg.prompts_per_device, G=cfg.num_generations,
                 prompt_tokens=prompt_tokens, new_tokens=cfg.max_new_tokens, vision_tokens=vision_tokens,
                 bf16=cfg.bf16, checkpointing=cfg.gradient_checkpointing,

@@ -48,14 +48,17 @@ QWEN25_VL_7B = dict(
     vision_end_token_id=151653, vision_token_id=151654, bos_token_id=151643, eos_token_id=151645)
 
 
+TOKENS = ("an integer >= 1", lambda v: v is None or v >= 1)
+
+
 @dataclass
 class PlanConfig(Config):
     data_root: str | None = redefault(RunConfig, "data_root", ".")  # no data is read
     gpus: int = setting(1, "processes (GPUs) the model is sharded over", int_ge(1))
     gpu_memory_gb: float | None = setting(None, "memory of one GPU, GiB (80 for an 80 GB card)",
                                           ("> 0", lambda v: v is None or v > 0))
-    prompt_tokens: int | None = setting(None, "default: the longest the media flags allow")
-    vision_tokens: int | None = setting(None, "default: prompt_tokens less 216 text tokens")
+    prompt_tokens: int | None = setting(None, "default: the longest the media flags allow", TOKENS)
+    vision_tokens: int | None = setting(None, "default: prompt_tokens less 216 text tokens", TOKENS)
     json: bool = setting(False, "print one JSON object instead of the table")
 
 
