@@ -74,6 +74,11 @@ def policy_loss(logps, old_logps, advantages, mask, clip_eps=0.2, ref_logps=None
     return loss, stats
 
 
+def ema_due(step: int, every: int) -> bool:
+    """Whether the EMA reference moves after 0-based `step`: after every `every`-th step (the reference's schedule)."""
+    return (step + 1) % every == 0
+
+
 @torch.no_grad()
 def ema_update_(ema_params, params, decay):
     """In place, `ema <- decay * ema + (1 - decay) * theta`, parameter by parameter.
@@ -325,7 +330,7 @@ def main(argv: list[str] | None = None):
             rank0_print(f"step {step + 1}: non-finite loss or gradient norm ({update['grad_norm']}), update skipped")
 
         # --- EMA: the reference moves toward the policy every ref_ema_every steps ---
-        if cfg.use_care and (step + 1) % cfg.ref_ema_every == 0:
+        if cfg.use_care and ema_due(step, cfg.ref_ema_every):
             ema_update_(ref.parameters(), policy.parameters(), cfg.ref_ema_decay)
         t_upd = time.perf_counter() - t0
 
