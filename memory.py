@@ -90,10 +90,13 @@ def plan(*, shard: int, full: int, root: int, unit: int, layers: int, H: int, I:
     work = lambda ckpt: max(act(ckpt) + fsdp, root_reduce)  # noqa: E731
     parts = dict(policy_params=4 * shard, grads=4 * shard, optimizer=8 * shard,
                  ema_reference=4 * shard if reference else 0, generation_copy=b * full,
-                 kv_cache=(rows * seq + prompts * prompt_tokens) * layers * 2 * kv * b,  # + the prompts' prefill cache
+                 # + the prompts' own prefill cache (before it is repeated G times) and one layer's K growing by
+                 # torch.cat (HF's dynamic cache copies it for every token)
+                 kv_cache=((rows * seq + prompts * prompt_tokens) * layers * 2 + rows * seq) * kv * b,
                  activations=work(checkpointing))
     resident = parts["policy_params"] + parts["optimizer"] + parts["ema_reference"]
-    prefill = prompts * prompt_tokens * b * (3 * I + 4 * H) + rows * vocab * 12  # one layer; logits and noise
+    # one layer of the prefill; per token the logits, HF's top-p sort (values, int64 indices, softmax, cumsum)
+    prefill = prompts * prompt_tokens * b * (3 * I + 4 * H) + rows * vocab * 32
     phases = dict(generation=resident + parts["generation_copy"] + parts["kv_cache"] + prefill,
                   update=resident + parts["grads"] + parts["activations"],
                   optimizer_step=resident + parts["grads"] + 4 * shard)  # AdamW's foreach sqrt temporary

@@ -25,6 +25,7 @@ sys.exit(0 if transformers.__version__ == "5.23.0" else "transformers is not 5.2
 PY
 cat "$out/env.txt"
 echo "installed in $((SECONDS - start)) s"
+timeout 90 "$py" bench/vision_features_check.py --model_dir "$out/vf" || exit 1  # the features reach the model
 if [ -n "${GPU_RUN_DRY:-}" ]; then
   timeout 120 "$py" bench/gpu.py --dry-run --out "$out/group.json" --model_dir "$out/model"; echo "dry run: exit $?"
   "$py" bench/memory_plan.py --model_path "$out/model" --gpus 1 --json true --attn_implementation sdpa > "$out/plan.json"

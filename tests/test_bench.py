@@ -107,3 +107,10 @@ def test_vs_trl_compare_and_write(tmp_path):
     text = md.read_text()
     assert text.startswith("intro\n") and text.endswith("notes\n") and "second" in text
     assert "first" not in text and "old" not in text
+
+
+def test_the_precomputed_vision_features_reach_the_model(tmp_path):
+    # transformers 5.17.0 (a lent GPU's) drops rollout's mm_encoder_outputs silently: log-probs blind to the media
+    res = subprocess.run([sys.executable, str(ROOT / "bench/vision_features_check.py"), "--model_dir", str(tmp_path)],
+                         capture_output=True, text=True, env=ENV, timeout=120)
+    assert res.returncode == 0 and "|features - pixels|" in res.stdout, res.stdout + res.stderr[-2000:]

@@ -72,8 +72,9 @@ def test_plan_of_a_hand_counted_model(tmp_path, capsys):
     b = p["per_gpu_bytes"]
     assert (b["policy_params"], b["grads"], b["optimizer"], b["ema_reference"]) == (32320, 32320, 64640, 32320)
     assert b["generation_copy"] == 2 * 16160  # gathered in bf16 (a GPU run's default)
-    # KV: (4 rows x 110 positions + the prompt's own 100) x 1 layer x K and V x 8 (1 head of 8) x 2 bytes
-    assert b["kv_cache"] == 540 * 1 * 2 * 8 * 2
+    # KV: (4 rows x 110 positions + the prompt's own 100) x 1 layer x K and V, + one K of 4 x 110 growing by
+    # torch.cat; x 8 (1 head of 8) x 2 bytes
+    assert b["kv_cache"] == (540 * 1 * 2 + 440) * 8 * 2
     # without CARE no reference; 3 ranks pad: ceil(16/3) = 6 rows of a 16-row norm, so 3 shards > 16,160
     q = run_plan(capsys, "--model_path", str(tmp_path), "--gpus", "3", "--use_care", "false")
     assert q["per_gpu_bytes"]["ema_reference"] == 0 and q["params"] == 3 * q["shard_params"] > 16160
