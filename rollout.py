@@ -466,29 +466,32 @@ class _TargetLogProbs(torch.nn.Module):
 
 def answer_span_mask(completion_ids: torch.Tensor, tokenizer, mask: torch.Tensor | None = None) -> torch.Tensor:
     """(N, T) 1 on completion tokens overlapping the answer that rewards.parse_answer grades: the text
-    inside the first complete `<answer>...</answer>`, surrounding whitespace left out. No complete
-    pair (or an empty answer): no token. Only tokens under `mask` (e.g. the completion mask) are read.
+    inside the first complete `<answer>...</answer>` of the completion decoded with special tokens skipped,
+    stripped as text (str.strip: Unicode spaces such as U+3000 and U+00A0 too). No complete pair (or a
+    blank answer): no token. Only tokens under `mask` (e.g. the completion mask) are read.
 
     Offsets are byte offsets of the byte-level BPE pieces, so tags split or merged with letters,
-    spaces and multi-byte characters need no re-tokenisation."""
+    spaces and multi-byte characters need no re-tokenisation. A special token is no text, as in the
+    graded decode, so it never enters the span, nor splits a tag."""
     tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+    special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}  # what skip_special_tokens drops
     span = torch.zeros_like(completion_ids, dtype=torch.long)  # (N, T)
     for r, row in enumerate(completion_ids.tolist()):
-        n = len(row) if mask is None else int(mask[r].sum())
+        row = row if mask is None else row[:int(mask[r].sum())]
         # ids past the tokenizer (the embedding is padded: 152,064 rows for 151,665 tokens) have no text
-        pieces = [b"" if t is None else bytes(_BYTE_OF[c] for c in t) if all(c in _BYTE_OF for c in t)
-                  else t.encode() for t in tokenizer.convert_ids_to_tokens(row[:n])]
+        pieces = [b"" if t is None or i in special else bytes(_BYTE_OF[c] for c in t) if all(c in _BYTE_OF for c in t)
+                  else t.encode() for i, t in zip(row, tokenizer.convert_ids_to_tokens(row))]
         found = _ANSWER_BYTES.search(b"".join(pieces))
         if found is None:
             continue
-        inner = found.group(1)
-        start = found.start(1) + len(inner) - len(inner.lstrip())
-        end = found.end(1) - (len(inner) - len(inner.rstrip()))
+        inner = found.group(1).decode(errors="replace")  # the stripped spaces are whole characters: exact bytes
+        start = found.start(1) + len(inner[:len(inner) - len(inner.lstrip())].encode())
+        end = found.end(1) - len(inner[len(inner.rstrip()):].encode())
         if start >= end:  # blank answer
             continue
         at = 0
         for t, piece in enumerate(pieces):
-            if at < end and at + len(piece) > start:
+            if piece and at < end and at + len(piece) > start:
                 span[r, t] = 1
             at += len(piece)
     return span
