@@ -94,7 +94,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTex
 
 import toy
 from data import BENCHMARKS, LETTERS, Collator, VisionSpec, load_examples
-from infra import run_cli
+from config import run_cli
 from rewards import format_reward, parse_answer, score_answer, to_number
 
 LEVELS = ("L1", "L2", "L3")
