@@ -45,7 +45,8 @@ vision settings and the decoding of each level or benchmark). The reference
 (TencentARC/GRPO-CARE src/eval_bench.py) samples in vLLM with temperature 0.1 and top-p 0.001: top-p
 0.001 keeps only the most likely token unless two tie, so it is greedy decoding with a random tie
 break; we drop the randomness. We also pass the generation config explicitly (no repetition penalty,
-no top-k), as vLLM's explicit SamplingParams do, instead of the checkpoint's generation_config.json.
+no top-k), as vLLM's explicit SamplingParams do, instead of the checkpoint's generation_config.json; a
+completion ends at <|im_end|> or <|endoftext|> (rollout.END_TOKENS, as in training; the 7B's own two).
 Left padding is masked, so a sample's logits do not depend on its batch up to float rounding (tests
 check it) and 1 and N processes give the same results.json (tested on the toy). Rounding can still flip
 a near-tie of greedy decoding (bf16 kernels vary with batch shape); --batch_size 1 rules that out.
@@ -96,6 +97,7 @@ import toy
 from data import BENCHMARKS, LETTERS, Collator, VisionSpec, load_examples
 from config import run_cli
 from rewards import format_reward, parse_answer, score_answer, to_number
+from rollout import end_ids
 
 LEVELS = ("L1", "L2", "L3")
 _STANDALONE = re.compile(r"\b([A-D])\b")
@@ -408,10 +410,9 @@ def main(argv=None):
     judge = None if a.benchmark else make_judge(*(load_eval_model(a.judge_model, acc.device) if a.judge_model
                                                   else (model, processor)))
     collator = Collator(processor, vision)
-    eos = model.generation_config.eos_token_id
     pad = model.generation_config.pad_token_id or processor.tokenizer.pad_token_id
     gen_configs = {name: GenerationConfig(**decoding(name, a.max_new_tokens, a.video_r1_mmvu), repetition_penalty=1.0,
-                                          eos_token_id=eos if isinstance(eos, list) else [eos], pad_token_id=pad)
+                                          eos_token_id=end_ids(processor), pad_token_id=pad)  # training's EOS rule
                    for name in (a.benchmark or a.levels)}
     torch.manual_seed(acc.process_index)  # sampled MMVU (--video_r1_mmvu): the same command samples the same
 

@@ -50,11 +50,12 @@ Departures from the reference code (TencentARC/GRPO-CARE), and why:
   reach the LM head.
 * it samples with the global RNG; here each sample depends only on its own seed (not on batch
   composition or rank count, up to the rounding above), so a run is reproducible and resumable.
-* sampling is set in full (temperature, top-p, no top-k, no repetition penalty, EOS = <|im_end|>),
+* sampling is set in full (temperature, top-p, no top-k, no repetition penalty, EOS = END_TOKENS),
   so the checkpoint's generation_config.json (Qwen2.5-VL-Instruct's is near-greedy) cannot leak
   in. The reference's GenerationConfig(top_p=0.95, temperature=1) leaves HF's top_k=50 in force
-  and takes EOS from the checkpoint (<|im_end|> and <|endoftext|>); at top-p 0.95 the top-50 cut
-  rarely binds.
+  (at top-p 0.95 the top-50 cut rarely binds) and stops at the checkpoint's EOS ids, <|im_end|> and
+  <|endoftext|>, as here; but its completion mask ends at <|im_end|> only, so a completion that
+  stops at <|endoftext|> is trained on up to the longest row, its padding included.
 * the confidence span (`answer_span_mask`) is the answer the accuracy reward grades: the tokens
   overlapping the stripped text of the first complete <answer>...</answer>. The reference scans
   back to the last token holding the `answer` of an `<answer>`, starts the span right after it and
@@ -85,6 +86,9 @@ from rewards import ANSWER_RE
 # modality -> (pixel key, grid key, placeholder-token config key)
 MODALITIES = {"image": ("pixel_values", "image_grid_thw", "image_token_id"),
               "video": ("pixel_values_videos", "video_grid_thw", "video_token_id")}
+# What ends a completion, in training and evaluation (evaluate.py): Qwen2.5-VL-Instruct's end of turn, and the end
+# of text that its generation_config.json stops at too. Each is the completion's last token, under its mask.
+END_TOKENS = ("<|im_end|>", "<|endoftext|>")
 _BYTE_OF = {c: b for b, c in bytes_to_unicode().items()}  # byte-level BPE symbol -> byte
 _ANSWER_BYTES = re.compile(ANSWER_RE.pattern.encode(), ANSWER_RE.flags & ~re.UNICODE)  # the graded answer, on bytes
 
@@ -109,9 +113,16 @@ class Rollout:
         return self.batch["attention_mask"][self.prompt_index]
 
 
-def completion_mask(completion_ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, T) ids -> (mask (N, T) long: 1 up to the first EOS inclusive, truncated (N,) bool)."""
-    is_eos = completion_ids == eos_id  # (N, T)
+def end_ids(tokenizer) -> list[int]:
+    """The ids of END_TOKENS that `tokenizer` (or a processor) has."""
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in END_TOKENS]
+    return [i for i in ids if i is not None and i != tokenizer.unk_token_id]
+
+
+def completion_mask(completion_ids: torch.Tensor, eos_ids: int | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, T) ids -> (mask (N, T) long: 1 up to the first EOS (any of `eos_ids`) inclusive, truncated (N,) bool)."""
+    is_eos = torch.isin(completion_ids, torch.tensor(eos_ids, device=completion_ids.device))  # (N, T)
     before = is_eos.long().cumsum(-1) - is_eos.long()  # (N, T) EOS seen strictly before t
     return (before == 0).long(), ~is_eos.any(-1)
 
@@ -262,10 +273,10 @@ def _merge_rows(inputs: list[dict], pad: int) -> dict:
 @torch.no_grad()
 def generate_groups(model, batches: list[dict], G: int, tokenizer, max_new_tokens: int = 768,
                     temperature: float = 1.0, top_p: float = 0.95, seeds: list[int] | None = None,
-                    eos_token: str = "<|im_end|>", min_new_tokens: int = 0) -> list[Rollout]:
+                    min_new_tokens: int = 0) -> list[Rollout]:
     """G sampled completions for every prompt of `batches` (data.Collator outputs), one Rollout per batch,
     all rows decoded in ONE `generate` call. `seeds`: one per prompt, in batch order (None: drawn from
-    the global RNG).
+    the global RNG). A completion ends at any of END_TOKENS.
 
     HF `generate` has no per-row generator, so it runs greedy over SeededSampler's noisy scores: sample
     g of a prompt with seed s reads only the generator seeded with row_seed(s, g). Rows of different
@@ -273,7 +284,7 @@ def generate_groups(model, batches: list[dict], G: int, tokenizer, max_new_token
     neighbours up to float rounding, and a sample can differ between batch compositions only where two
     tokens' noisy scores are within that rounding (never seen in fp32 on the toy; bf16 rounds more)."""
     tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor works too
-    eos = tokenizer.convert_tokens_to_ids(eos_token)
+    eos = end_ids(tokenizer)
     pad = model.generation_config.pad_token_id
     pad = tokenizer.pad_token_id if pad is None else pad
     sizes = [b["input_ids"].shape[0] for b in batches]

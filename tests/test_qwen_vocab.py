@@ -7,10 +7,17 @@ import unicodedata
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from transformers import AutoTokenizer
 
+import checkpoints
 import evaluate as ev
+import grpo_care
 import qwen_vocab
-from data import MC_INSTRUCTION, THINK_INSTRUCTION
+import rollout
+import sft
+import toy
+from data import MC_INSTRUCTION, THINK_INSTRUCTION, Collator, load_examples
 from rewards import parse_answer
 from rollout import answer_span_mask, completion_mask
 
@@ -159,3 +166,148 @@ def test_the_judge_reads_the_letters_ids(qwen_model):
         with torch.no_grad():
             logits = model(**tok(text, return_tensors="pt")).logits[0, -1]  # (152064,)
         assert pick == "ABCD"[int(logits[32:36].argmax())]
+
+
+# --- the end tokens ------------------------------------------------------------------------------
+def test_completion_mask_ends_at_either_end_token():
+    # <|endoftext|> 151643 and <|im_end|> 151645 both end a completion, inclusive; a row with neither is truncated
+    ids = torch.tensor([[5, 151643, 7, 8], [151645, 1, 151643, 2], [1, 2, 3, 4]])
+    mask, truncated = completion_mask(ids, [151645, 151643])
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1]] and truncated.tolist() == [False, False, True]
+
+
+def forcing(plan):
+    """A SeededSampler that writes `plan(row)` (token ids, or None: sample) from a completion's first token on."""
+    class Forcing(rollout.SeededSampler):
+        def __call__(self, input_ids, scores):
+            out = super().__call__(input_ids, scores)
+            self.prompt_length = getattr(self, "prompt_length", input_ids.shape[1])  # the first call: token 0
+            t = input_ids.shape[1] - self.prompt_length
+            for r in range(len(out)):
+                tokens = plan(r)
+                if tokens is not None and t < len(tokens):
+                    out[r] = -float("inf")
+                    out[r, tokens[t]] = 0.0
+            return out
+    return Forcing
+
+
+def test_a_sampled_endoftext_ends_the_rollout(qwen_model, toy_world, toy_vision, monkeypatch):
+    model, processor = qwen_model
+    assert rollout.end_ids(processor) == [151645, 151643]
+    example = load_examples(toy_world / "data/annotations/validation_L1.jsonl", toy_world / "data")[:1]
+    batch, _ = Collator(processor, toy_vision)(example)
+    # row 0 samples <|endoftext|> 3rd, row 1 <|im_end|> 2nd; rows 2, 3 (untrained: ~uniform over 152k) sample on
+    plans = {0: [11, 12, 151643], 1: [13, 151645]}
+    monkeypatch.setattr(rollout, "SeededSampler", forcing(plans.get))
+    ro = rollout.generate_group(model, batch, 4, processor, max_new_tokens=5, seeds=[0])
+    assert ro.completion_mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1] * 5, [1] * 5]
+    assert ro.truncated.tolist() == [False, False, True, True]
+    assert ro.completion_ids[0].tolist() == [11, 12] + [151643] * 3  # then padding (pad = <|endoftext|>)
+    assert ro.texts[:2] == [processor.tokenizer.decode([11, 12]), processor.tokenizer.decode([13])]
+
+
+# --- the published checkpoint through every script -----------------------------------------------
+def _disk_weights(model_dir) -> dict:
+    index = json.loads((model_dir / "model.safetensors.index.json").read_text())["weight_map"]
+    return {k: v for s in sorted(set(index.values())) for k, v in load_file(model_dir / s).items()}
+
+
+def _assert_same_weights(model, disk: dict) -> None:
+    """`model` (FSDP2-sharded or plain) holds exactly the published shards' weights, the untied head included."""
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    assert len(full) == len(disk) and "lm_head.weight" in full
+    for k, v in full.items():
+        assert torch.equal(v.float(), disk[published_name(k)].float()), k
+
+
+def _recording(loaded: list, real):
+    def load(*a, **k):
+        model = real(*a, **k)
+        loaded.append(model)
+        return model
+    return load
+
+
+def _run_args(model_dir, toy_world, out, *extra):
+    vision = [f"--{k}={v}" for k, v in toy.TOY_VISION.items()]
+    return ["--model_path", str(model_dir), "--data_root", str(toy_world / "data"), "--output_dir", str(out),
+            "--learning_rate", "1e-3", *vision, *extra]
+
+
+def test_grpo_care_trains_and_resumes_the_published_checkpoint(qwen_model_dir, toy_world, tmp_path, monkeypatch):
+    disk = _disk_weights(qwen_model_dir)
+    loaded, resumed_from = [], []
+    monkeypatch.setattr(grpo_care, "load_model", _recording(loaded, grpo_care.load_model))
+    real_resume = checkpoints.load_checkpoint
+
+    def resume(path, policy, *a):
+        step = real_resume(path, policy, *a)
+        full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True))
+        resumed_from.append({k: v.clone() for k, v in full.items()})  # before step 2 updates them in place
+        return step
+
+    monkeypatch.setattr(checkpoints, "load_checkpoint", resume)
+    # the first sample of each group answers in format, the other samples at random: rewards differ, the update moves
+    tok = AutoTokenizer.from_pretrained(qwen_model_dir)
+    answer = tok.encode("<think>I see it.</think><answer>A</answer><|im_end|>")
+    monkeypatch.setattr(rollout, "SeededSampler", forcing(lambda r: answer if r % 2 == 0 else None))
+    args = _run_args(qwen_model_dir, toy_world, tmp_path, "--num_generations", "2", "--max_new_tokens",
+                     str(len(answer) + 2), "--ref_ema_every", "1", "--top_p", "1.0")
+    checks = []
+    real_load = grpo_care.load_model
+
+    def load_and_check(*a, **k):  # each model as loaded, before any step changes it
+        model = real_load(*a, **k)
+        _assert_same_weights(model, disk)
+        checks.append(k["trainable"])
+        return model
+
+    monkeypatch.setattr(grpo_care, "load_model", load_and_check)
+    grpo_care.main(args + ["--max_steps", "1"])
+    assert checks == [True, False], "the policy and the EMA reference, each with the published weights"
+    (m,) = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert m["format"] == 0.5 and 0 < m["grad_norm"] < float("inf")
+    # the checkpoint keeps the head untied, trained apart from the embedding
+    step1 = load_file(tmp_path / "checkpoint-1/model.safetensors")  # (saved under transformers 5's names)
+    assert json.loads((tmp_path / "checkpoint-1/config.json").read_text())["tie_word_embeddings"] is False
+    assert step1["lm_head.weight"].shape == (152064, 64)
+    assert not torch.equal(step1["lm_head.weight"], disk["lm_head.weight"].float()), "the update moved the head"
+    assert not torch.equal(step1["lm_head.weight"], step1["model.language_model.embed_tokens.weight"])
+    # resumed: the published weights loaded, then checkpoint-1's restored
+    grpo_care.main(args + ["--max_steps", "2", "--resume_from_checkpoint", "latest"])
+    assert checks == [True, False] * 2 and len(resumed_from) == 1 and len(resumed_from[0]) == len(step1)
+    assert all(torch.equal(v, step1[k]) for k, v in resumed_from[0].items())
+    assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_sft_trains_the_published_checkpoint(qwen_model_dir, toy_world, tmp_path, monkeypatch):
+    disk = _disk_weights(qwen_model_dir)
+    real_load = sft.load_model
+    monkeypatch.setattr(sft, "load_model", lambda *a, **k: (m := real_load(*a, **k), _assert_same_weights(m, disk))[0])
+    sft.main(_run_args(qwen_model_dir, toy_world, tmp_path / "sft", "--max_steps", "1", "--prompts_per_device", "2"))
+    saved = load_file(tmp_path / "sft/model.safetensors")
+    assert json.loads((tmp_path / "sft/config.json").read_text())["tie_word_embeddings"] is False
+    assert not torch.equal(saved["lm_head.weight"], saved["model.language_model.embed_tokens.weight"])
+    assert not torch.equal(saved["lm_head.weight"], disk["lm_head.weight"].float())
+
+
+def test_evaluate_reads_the_published_checkpoint_and_stops_at_either_end(qwen_model_dir, toy_world, tmp_path,
+                                                                          monkeypatch):
+    # the checkpoint as published, but its generation_config.json naming <|im_end|> only: the rule still holds
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    for f in qwen_model_dir.iterdir():
+        (model_dir / f.name).symlink_to(f)
+    gen = json.loads((qwen_model_dir / "generation_config.json").read_text())
+    (model_dir / "generation_config.json").unlink()
+    (model_dir / "generation_config.json").write_text(json.dumps(dict(gen, eos_token_id=151645)))
+    disk = _disk_weights(qwen_model_dir)
+    real_load, real_batch, ends = ev.load_eval_model, ev.evaluate_batch, []
+    monkeypatch.setattr(ev, "load_eval_model", lambda *a: (m := real_load(*a), _assert_same_weights(m[0], disk))[0])
+    monkeypatch.setattr(ev, "evaluate_batch", lambda *a: ends.append(a[3].eos_token_id) or real_batch(*a))
+    results = ev.main(["--model_path", str(model_dir), "--data_root", str(toy_world / "data"), "--output_dir",
+                       str(tmp_path / "out"), "--levels", "L1", "--max_samples", "2", "--max_new_tokens", "4",
+                       "--batch_size", "2", "--toy"])
+    assert ends == [[151645, 151643]]
+    assert results["levels"]["L1"]["n"] == 2 and 0 < results["levels"]["L1"]["mean_length"] <= 4
