@@ -12,7 +12,8 @@ letter), lenient accuracy (the first standalone A-D), format rate, length, and c
 evaluated model, or --judge_model) reads the question, options and reasoning with the answer hidden and picks
 the option the reasoning supports (argmax over "A".."D": one forward, deterministic). With --toy, rule
 consistency (the option the toy reasoning names) per teacher-flaw class. Decoding is greedy, 1,024 new tokens,
-as the reference's scripts; left padding is masked, so 1 and N processes agree. Departures: DEPARTURES.md.
+as the reference's scripts, up to <|im_end|> or <|endoftext|> (rollout.END_TOKENS, as in training); left padding
+is masked, so 1 and N processes agree. Departures: DEPARTURES.md.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ import toy
 from data import BENCHMARKS, LETTERS, Collator, VisionSpec, load_examples
 from config import run_cli
 from rewards import format_reward, parse_answer, score_answer, to_number
+from rollout import end_ids
 
 LEVELS = ("L1", "L2", "L3")
 _STANDALONE = re.compile(r"\b([A-D])\b")
@@ -348,10 +350,9 @@ def main(argv=None):
     judge = None if a.benchmark else make_judge(*(load_eval_model(a.judge_model, acc.device) if a.judge_model
                                                   else (model, processor)))
     collator = Collator(processor, vision)
-    eos = model.generation_config.eos_token_id
     pad = model.generation_config.pad_token_id or processor.tokenizer.pad_token_id
     gen_configs = {name: GenerationConfig(**decoding(name, a.max_new_tokens, a.video_r1_mmvu), repetition_penalty=1.0,
-                                          eos_token_id=eos if isinstance(eos, list) else [eos], pad_token_id=pad)
+                                          eos_token_id=end_ids(processor), pad_token_id=pad)  # training's EOS rule
                    for name in (a.benchmark or a.levels)}
     torch.manual_seed(acc.process_index)  # sampled MMVU (--video_r1_mmvu): the same command samples the same
 

@@ -34,6 +34,9 @@ from rewards import ANSWER_RE
 # modality -> (pixel key, grid key, placeholder-token config key)
 MODALITIES = {"image": ("pixel_values", "image_grid_thw", "image_token_id"),
               "video": ("pixel_values_videos", "video_grid_thw", "video_token_id")}
+# What ends a completion, in training and evaluation (evaluate.py): Qwen2.5-VL-Instruct's end of turn, and the end
+# of text that its generation_config.json stops at too. Either is the completion's last token, under its mask.
+END_TOKENS = ("<|im_end|>", "<|endoftext|>")
 _BYTE_OF = {c: b for b, c in bytes_to_unicode().items()}  # byte-level BPE symbol -> byte
 _ANSWER_BYTES = re.compile(ANSWER_RE.pattern.encode(), ANSWER_RE.flags & ~re.UNICODE)  # the graded answer, on bytes
 
@@ -61,9 +64,16 @@ class Rollout:
         return self.batch["attention_mask"][self.prompt_index]
 
 
-def completion_mask(completion_ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, T) ids -> (mask (N, T) long: 1 up to the first EOS inclusive, truncated (N,) bool)."""
-    is_eos = completion_ids == eos_id  # (N, T)
+def end_ids(tokenizer) -> list[int]:
+    """The ids of END_TOKENS that `tokenizer` (or a processor) has."""
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in END_TOKENS]
+    return [i for i in ids if i is not None and i != tokenizer.unk_token_id]
+
+
+def completion_mask(completion_ids: torch.Tensor, eos_ids: int | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, T) ids -> (mask (N, T) long: 1 up to the first EOS (any of `eos_ids`) inclusive, truncated (N,) bool)."""
+    is_eos = torch.isin(completion_ids, torch.tensor(eos_ids, device=completion_ids.device))  # (N, T)
     before = is_eos.long().cumsum(-1) - is_eos.long()  # (N, T) EOS seen strictly before t
     return (before == 0).long(), ~is_eos.any(-1)
 
@@ -111,17 +121,18 @@ class SeededSampler(LogitsProcessor):
 @torch.no_grad()
 def generate_groups(model, batches: list[dict], G: int, tokenizer, max_new_tokens: int = 768,
                     temperature: float = 1.0, top_p: float = 0.95, seeds: list[int] | None = None,
-                    eos_token: str = "<|im_end|>", min_new_tokens: int = 0) -> list[Rollout]:
+                    min_new_tokens: int = 0) -> list[Rollout]:
     """G sampled completions for every prompt of `batches` (data.Collator outputs), one Rollout per batch,
     all rows decoded in ONE `generate` call: on a GPU decoding is memory-bound, so B*G rows in one call cost
-    little more than G rows. `seeds`: one per prompt, in batch order (None: drawn from the global RNG).
+    little more than G rows. `seeds`: one per prompt, in batch order (None: drawn from the global RNG). A
+    completion ends at either of END_TOKENS.
 
     HF `generate` has no per-row generator, so it runs greedy over SeededSampler's noisy scores. Rows of
     different prompts are left-padded to a common length; the padding is masked, so a row's logits do not
     depend on its neighbours up to float rounding (on the toy: 0 of 128 rows differ between 4 prompts together
     and each alone, fp32 and bf16, CPU)."""
     tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor works too
-    eos = tokenizer.convert_tokens_to_ids(eos_token)
+    eos = end_ids(tokenizer)
     pad = model.generation_config.pad_token_id
     pad = tokenizer.pad_token_id if pad is None else pad
     sizes = [b["input_ids"].shape[0] for b in batches]
@@ -311,29 +322,32 @@ class _TargetLogProbs(torch.nn.Module):
 
 def answer_span_mask(completion_ids: torch.Tensor, tokenizer, mask: torch.Tensor | None = None) -> torch.Tensor:
     """(N, T) 1 on completion tokens overlapping the answer that rewards.parse_answer grades: the text
-    inside the first complete `<answer>...</answer>`, surrounding whitespace left out. No complete
-    pair (or an empty answer): no token. Only tokens under `mask` (e.g. the completion mask) are read.
+    inside the first complete `<answer>...</answer>` of the completion decoded with special tokens skipped,
+    stripped as text (str.strip: Unicode spaces such as U+3000 and U+00A0 too). No complete pair (or a
+    blank answer): no token. Only tokens under `mask` (e.g. the completion mask) are read.
 
     Offsets are byte offsets of the byte-level BPE pieces, so tags split or merged with letters,
-    spaces and multi-byte characters need no re-tokenisation."""
+    spaces and multi-byte characters need no re-tokenisation. A special token is no text, as in the
+    graded decode, so it never enters the span, nor splits a tag."""
     tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+    special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}  # what skip_special_tokens drops
     span = torch.zeros_like(completion_ids, dtype=torch.long)  # (N, T)
     for r, row in enumerate(completion_ids.tolist()):
-        n = len(row) if mask is None else int(mask[r].sum())
+        row = row if mask is None else row[:int(mask[r].sum())]
         # ids past the tokenizer (the embedding is padded: 152,064 rows for 151,665 tokens) have no text
-        pieces = [b"" if t is None else bytes(_BYTE_OF[c] for c in t) if all(c in _BYTE_OF for c in t)
-                  else t.encode() for t in tokenizer.convert_ids_to_tokens(row[:n])]
+        pieces = [b"" if t is None or i in special else bytes(_BYTE_OF[c] for c in t) if all(c in _BYTE_OF for c in t)
+                  else t.encode() for i, t in zip(row, tokenizer.convert_ids_to_tokens(row))]
         found = _ANSWER_BYTES.search(b"".join(pieces))
         if found is None:
             continue
-        inner = found.group(1)
-        start = found.start(1) + len(inner) - len(inner.lstrip())
-        end = found.end(1) - (len(inner) - len(inner.rstrip()))
+        inner = found.group(1).decode(errors="replace")  # the stripped spaces are whole characters: exact bytes
+        start = found.start(1) + len(inner[:len(inner) - len(inner.lstrip())].encode())
+        end = found.end(1) - len(inner[len(inner.rstrip()):].encode())
         if start >= end:  # blank answer
             continue
         at = 0
         for t, piece in enumerate(pieces):
-            if at < end and at + len(piece) > start:
+            if piece and at < end and at + len(piece) > start:
                 span[r, t] = 1
             at += len(piece)
     return span

@@ -7,9 +7,10 @@
 Each row of `annotations/training_with_cot_6k.jsonl` becomes the training prompt (data.py: same options, same
 shuffle, same media) followed by `<think>{cot}</think><answer>{X}</answer><|im_end|>`, X the letter at which the
 CoT's chosen option (`cot_answer`, else `answer`) lands in this epoch's options; a Video-R1 file (rows with
-`process`) works too. The loss is the mean cross-entropy over target tokens only; <|im_end|> is a target, so the
-model learns to stop. Step s takes rows [s*B*world, (s+1)*B*world) of the epoch's order, this rank every
-world-th, as grpo_care.py. The result is a `save_pretrained` directory in --output_dir. Departures: DEPARTURES.md.
+`process`) works too. The loss is the mean cross-entropy over target tokens only, whose positions alone reach the
+LM head, in chunks (rollout.completion_logprobs, as GRPO's update); <|im_end|> is a target, so the model learns to
+stop. Step s takes rows [s*B*world, (s+1)*B*world) of the epoch's order, this rank every world-th, as
+grpo_care.py. The result is a `save_pretrained` directory in --output_dir. Departures: DEPARTURES.md.
 """
 from __future__ import annotations
 
@@ -27,10 +28,11 @@ from transformers import AutoProcessor, get_cosine_schedule_with_warmup
 import toy
 from data import LETTERS, Collator, DataError, check_media_dirs, load_examples, read_located_rows, step_examples
 from checkpoints import open_run_dir
-from config import RunAborted, RunConfig, parse_run_config, plan_steps, redefault, run_cli, set_device_defaults, use_toy_world
+from config import (RunAborted, RunConfig, int_ge, parse_run_config, plan_steps, redefault, run_cli, set_device_defaults,
+                    setting, use_toy_world)
 from distributed import all_reduce_named, load_model, optimizer_step, rank0_print, setup_distributed
 from logs import write_logs
-from rollout import encode_vision
+from rollout import Rollout, completion_logprobs, encode_vision
 
 RESPONSE = "<think>{cot}</think><answer>{answer}</answer>"
 
@@ -46,20 +48,23 @@ def sft_response(example: dict) -> str:
     return RESPONSE.format(cot=example["cot"], answer=answer)
 
 
-def append_targets(input_ids, attention_mask, mm_token_type_ids, targets: list[list[int]], pad_id: int) -> dict:
-    """Left-padded prompts `(B, P)` + target ids -> left-padded `(B, L)` inputs and labels.
+def target_ids(targets: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Target ids -> right-padded `(B, R)` ids and their mask `(B, R)`, 1 on target tokens: the targets stand as
+    completions after their prompts (rollout.Rollout), so that only their positions reach the LM head."""
+    ids = pad_sequence([torch.tensor(t) for t in targets], batch_first=True, padding_value=pad_id)  # (B, R)
+    mask = pad_sequence([torch.ones(len(t), dtype=torch.long) for t in targets], batch_first=True)  # (B, R)
+    return ids, mask
 
-    Labels are -100 on prompt and padding, the target ids on the target, so only the target is learned."""
-    rows = {"input_ids": [], "labels": [], "attention_mask": [], "mm_token_type_ids": []}
-    for ids, mask, types, tgt in zip(input_ids, attention_mask, mm_token_type_ids, targets):
-        real, tgt = mask.bool(), torch.tensor(tgt, dtype=ids.dtype)  # (P,), (R,)
-        n = int(real.sum())
-        rows["input_ids"].append(torch.cat([ids[real], tgt]))  # (n + R,)
-        rows["labels"].append(torch.cat([torch.full((n,), -100, dtype=ids.dtype), tgt]))  # (n + R,)
-        rows["attention_mask"].append(torch.ones(n + len(tgt), dtype=mask.dtype))
-        rows["mm_token_type_ids"].append(torch.cat([types[real], torch.zeros_like(tgt)]))  # targets are text
-    pad = {"input_ids": pad_id, "labels": -100, "attention_mask": 0, "mm_token_type_ids": 0}
-    return {k: pad_sequence(v, batch_first=True, padding_value=pad[k], padding_side="left") for k, v in rows.items()}
+
+def sft_loss(model, batch, targets: list[list[int]], pad_id: int, chunk_size: int) -> torch.Tensor:
+    """Mean cross-entropy over the target tokens of the B prompts of `batch` (a data.Collator output), from
+    rollout.completion_logprobs: the vision tower once, the LM head over target positions only, in checkpointed
+    chunks, so no (B, prompt + target, vocab) logits exist (at 7B: ~1,400-token video prompts, 152,064 entries)."""
+    ids, mask = (x.to(batch["input_ids"].device) for x in target_ids(targets, pad_id))
+    B = len(targets)
+    ro = Rollout(batch, torch.arange(B, device=ids.device), ids, mask, truncated=torch.zeros(B, dtype=torch.bool))
+    logps = completion_logprobs(model, ro, encode_vision(model, batch), chunk_size)  # (B, R)
+    return -(logps * mask).sum() / mask.sum()
 
 
 @dataclass
@@ -69,6 +74,7 @@ class SFTConfig(RunConfig):  # the settings shared with grpo_care.Config: config
     learning_rate: float = redefault(RunConfig, "learning_rate", 1e-5)
     warmup_ratio: float = redefault(RunConfig, "warmup_ratio", 0.03)
     max_grad_norm: float = redefault(RunConfig, "max_grad_norm", 1.0)
+    logprob_chunk: int = setting(256, "target tokens per LM-head chunk", int_ge(1))
 
 
 SFT_FILES = ("metrics.jsonl", "config.json", "model.safetensors", "model.safetensors.index.json")  # a finished SFT
@@ -139,12 +145,7 @@ def main(argv: list[str] | None = None):
             (batch, kept), weight = last, 0.0
         last = (batch, kept)
         targets = [tok(sft_response(ex) + tok.eos_token, add_special_tokens=False).input_ids for ex in kept]
-        inputs = append_targets(batch["input_ids"], batch["attention_mask"], batch["mm_token_type_ids"], targets,
-                                tok.pad_token_id)
-        batch = batch.to(device)
-        grids = {k: batch[k] for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts") if k in batch}
-        loss = model(**{k: v.to(device) for k, v in inputs.items()}, **grids,  # grids: mrope positions
-                     mm_encoder_outputs=encode_vision(model, batch)).loss
+        loss = sft_loss(model, batch.to(device), targets, tok.pad_token_id, cfg.logprob_chunk)
         (loss * weight).backward()
         grad_norm, _ = optimizer_step(model, optimizer, cfg.max_grad_norm, loss.item())  # no step if not finite
         scheduler.step()

@@ -1,9 +1,10 @@
 """The toy world: a tiny but real Qwen2.5-VL and a data set in the exact SEED-Bench-R1 layout, built offline.
 
-    python toy.py --out DIR [--seed 0] [--n_train 240] [--n_val 200] [--force]
+    python toy.py --out DIR [--seed 0] [--n_train 240] [--n_val 200] [--force] [--qwen_vocab]
 
 `DIR/model`: a `Qwen2_5_VLForConditionalGeneration` with a tiny config (real patch 14, merge 2, temporal patch 2),
-a tokenizer trained here with Qwen's special tokens and Qwen2.5-VL-Instruct's chat template. `DIR/data`: the
+a tokenizer trained here with Qwen's special tokens and Qwen2.5-VL-Instruct's chat template (`--qwen_vocab`: the 7B's
+own tokenizer and vocabulary, saved as the 7B is published; qwen_vocab.py). `DIR/data`: the
 next action is decidable from the pixels (the observation shows one coloured object; the options differ only in
 the colour); L1 = training distribution, L2 = new environment, L3 = Ego4D, new tasks, four domains.
 `training_with_cot_6k.jsonl` is the SFT warm start's teacher, flawed on purpose (`cot_flaw`): it misreads orange
@@ -29,6 +30,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, Qwen2TokenizerFast,
                           Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
 
+import qwen_vocab
 from data import BENCHMARKS, MC_INSTRUCTION, THINK_INSTRUCTION  # the prompt words and eval files are data.py's
 
 # Qwen2.5-VL-Instruct's chat template, verbatim: default system turn, one
@@ -281,22 +283,23 @@ def build_tokenizer(texts: list[str], vocab_size: int = 640):
 
 
 def build_processor(tokenizer):
-    # Qwen2.5-VL-7B-Instruct's preprocessor_config: CLIP mean/std, patch 14, merge 2, temporal 2.
-    pix = dict(size={"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280}, patch_size=14,
+    # Qwen2.5-VL-7B-Instruct's preprocessor_config: min/max pixels, CLIP mean/std, patch 14, merge 2, temporal 2
+    pix = dict(size={"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 16384}, patch_size=14,
                temporal_patch_size=2, merge_size=2, image_mean=[0.48145466, 0.4578275, 0.40821073],
                image_std=[0.26862954, 0.26130258, 0.27577711])
     return Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**pix), video_processor=Qwen2VLVideoProcessor(**pix),
                                tokenizer=tokenizer, chat_template=QWEN25_VL_CHAT_TEMPLATE)
 
 
-def build_model(tokenizer, seed: int = 0, hidden: int = 64, layers: int = 2, vocab_size: int | None = None):
+def build_model(tokenizer, seed: int = 0, hidden: int = 64, layers: int = 2, vocab_size: int | None = None,
+                tied: bool = True):
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     vocab = vocab_size or (len(tokenizer) + 63) // 64 * 64
     heads = 4
     config = Qwen2_5_VLConfig(
         text_config=dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=2,
-                         max_position_embeddings=32768, rope_theta=1e6, tie_word_embeddings=True,
+                         max_position_embeddings=32768, rope_theta=1e6, tie_word_embeddings=tied,
                          # mrope splits head_dim/2 rotary pairs into (time, height, width), as 16:24:24 in 7B
                          rope_scaling={"type": "mrope", "mrope_section": _mrope_section(hidden // heads)},
                          bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
@@ -306,7 +309,7 @@ def build_model(tokenizer, seed: int = 0, hidden: int = 64, layers: int = 2, voc
                            fullatt_block_indexes=[1], tokens_per_second=2),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=True,
+        tie_word_embeddings=tied,
     )
     # Qwen's 0.02 suits width 3584; at width 64 it leaves attention logits so flat that the toy cannot
     # learn to copy a word 11 tokens back (chance after 800 steps). width^-0.5 learns it in < 100 steps.
@@ -325,25 +328,37 @@ def _mrope_section(head_dim: int) -> list[int]:
     return [t, (half - t) // 2, half - t - (half - t) // 2]
 
 
+def build_model_dir(out: Path, data: Path, seed: int = 0, qwen: bool = False) -> None:
+    """The toy model and processor, `save_pretrained` in `out`. qwen: with Qwen2.5-VL-7B-Instruct's tokenizer
+    (qwen_vocab.py) and its 152,064-row vocabulary, saved as the 7B is published (bf16 safetensors shards with
+    an index, an untied LM head, its generation_config's two EOS ids and near-greedy sampling)."""
+    if not qwen:
+        tok = build_tokenizer(corpus_texts(data))
+        build_model(tok, seed).save_pretrained(out)
+        return build_processor(tok).save_pretrained(out)
+    tok = qwen_vocab.tokenizer()
+    model = build_model(tok, seed, vocab_size=qwen_vocab.VOCAB_SIZE, tied=False).to(torch.bfloat16)
+    model.generation_config.update(eos_token_id=[tok.eos_token_id, tok.pad_token_id], do_sample=True, top_k=1,
+                                   temperature=0.1, top_p=0.001, repetition_penalty=1.05)
+    model.save_pretrained(out, max_shard_size="30MB")  # 2 x 39 MB embeddings (bf16: 19.5 MB each): 3 shards
+    build_processor(tok).save_pretrained(out)
+
+
 def build(out: str | os.PathLike, seed: int = 0, n_train: int = 240, n_val: int = 200, force: bool = False,
           cot_misread: float = COT_MISREAD, cot_inconsistent: float = COT_INCONSISTENT,
-          cot_lucky: float = COT_LUCKY) -> Path:
+          cot_lucky: float = COT_LUCKY, qwen: bool = False) -> Path:
     """Build (or reuse) the toy world in `out`; returns the path. `out/model` and `out/data`."""
     out = Path(out)
     stamp = out / "toy.json"
     spec = dict(seed=seed, n_train=n_train, n_val=n_val, cot_misread=cot_misread,
-                cot_inconsistent=cot_inconsistent, cot_lucky=cot_lucky, version=6)
+                cot_inconsistent=cot_inconsistent, cot_lucky=cot_lucky, version=6) | ({"vocab": "qwen"} if qwen else {})
     if not force and stamp.exists() and json.loads(stamp.read_text()) == spec:
         return out
     if out.exists():
         shutil.rmtree(out)
     build_data(out / "data", seed, n_train, n_val, cot_misread, cot_inconsistent, cot_lucky)
     build_video_r1(out / "data", seed)
-    tok = build_tokenizer(corpus_texts(out / "data"))
-    processor = build_processor(tok)
-    model = build_model(tok, seed)
-    model.save_pretrained(out / "model")
-    processor.save_pretrained(out / "model")
+    build_model_dir(out / "model", out / "data", seed, qwen)
     stamp.write_text(json.dumps(spec))  # written last: a half-built world is rebuilt next time
     return out
 
@@ -355,13 +370,15 @@ def main():
     p.add_argument("--n_train", type=int, default=240)
     p.add_argument("--n_val", type=int, default=200, help="rows per validation level")
     p.add_argument("--force", action="store_true", help="rebuild even if a matching build exists")
+    p.add_argument("--qwen_vocab", action="store_true",
+                   help="the model with Qwen2.5-VL-7B-Instruct's tokenizer and vocabulary, saved as the 7B is published")
     p.add_argument("--cot_misread", type=float, default=COT_MISREAD, help="fraction of orange rows whose CoT reads red")
     p.add_argument("--cot_lucky", type=float, default=COT_LUCKY,
                    help="fraction of orange rows whose CoT reads red, yet answers orange (right for the wrong reason)")
     p.add_argument("--cot_inconsistent", type=float, default=COT_INCONSISTENT,
                    help=f"fraction of '{COT_SLIP_GOAL}' rows whose CoT answers the next letter")
     a = p.parse_args()
-    out = build(a.out, a.seed, a.n_train, a.n_val, a.force, a.cot_misread, a.cot_inconsistent, a.cot_lucky)
+    out = build(a.out, a.seed, a.n_train, a.n_val, a.force, a.cot_misread, a.cot_inconsistent, a.cot_lucky, a.qwen_vocab)
     print(f"toy world in {out}: model/ and data/")
 
 

@@ -34,3 +34,23 @@ def toy_model(toy_world):
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(toy_world / "model", dtype=torch.float32)
     processor = AutoProcessor.from_pretrained(toy_world / "model")
     return model.eval(), processor
+
+
+@pytest.fixture(scope="session")
+def qwen_model_dir(tmp_path_factory):
+    """The toy model with Qwen2.5-VL-7B-Instruct's real tokenizer and vocabulary, saved as the 7B is published
+    (toy.build_model_dir, ~5 s). Its data: toy_world's."""
+    import toy
+
+    out = tmp_path_factory.mktemp("qwen_toy")
+    toy.build_model_dir(out, None, seed=0, qwen=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def qwen_model(qwen_model_dir):
+    import torch
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(qwen_model_dir, dtype=torch.float32)
+    return model.eval(), AutoProcessor.from_pretrained(qwen_model_dir)

@@ -88,7 +88,8 @@ def test_rollout_shapes_texts_and_flags(rollout, prompts, toy_model):
     N, T = 3 * G, rollout.completion_ids.shape[1]
     assert rollout.prompt_index.tolist() == [0, 0, 1, 1, 2, 2]
     assert rollout.prompt_ids.shape == (N, batch["input_ids"].shape[1]) and rollout.completion_mask.shape == (N, T)
-    mask, truncated = completion_mask(rollout.completion_ids, processor.tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    ends = [processor.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]  # either ends it
+    mask, truncated = completion_mask(rollout.completion_ids, ends)
     assert torch.equal(rollout.completion_mask, mask) and torch.equal(rollout.truncated, truncated)
     assert rollout.texts == [processor.tokenizer.decode(r[m.bool()], skip_special_tokens=True)
                              for r, m in zip(rollout.completion_ids, mask)]

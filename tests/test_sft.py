@@ -1,10 +1,12 @@
 """SFT warm start: response-only loss, the vision tower in one call, a real run that learns and saves a
 plain-transformers checkpoint, and the toy's chain-of-thought rows with their planted flaws."""
+import copy
 import json
 import re
 
 import pytest
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 import sft
 import toy
@@ -12,21 +14,9 @@ from data import Collator, DataError, load_examples, read_jsonl
 from rollout import encode_vision
 
 
-def test_append_targets_masks_the_prompt_and_left_pads():
-    # two left-padded prompts, real lengths 2 and 4; targets of 3 and 1 tokens; pad id 0
-    ids = torch.tensor([[0, 0, 5, 6], [7, 8, 9, 10]])
-    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
-    types = torch.tensor([[0, 0, 1, 0], [0, 2, 2, 0]])
-    out = sft.append_targets(ids, mask, types, [[1, 2, 3], [4]], pad_id=0)
-    # rows are 2 + 3 = 5 and 4 + 1 = 5 tokens long: no padding left
-    assert out["input_ids"].tolist() == [[5, 6, 1, 2, 3], [7, 8, 9, 10, 4]]
-    assert out["labels"].tolist() == [[-100, -100, 1, 2, 3], [-100, -100, -100, -100, 4]]
-    assert out["attention_mask"].tolist() == [[1] * 5] * 2
-    assert out["mm_token_type_ids"].tolist() == [[1, 0, 0, 0, 0], [0, 2, 2, 0, 0]]
-    out = sft.append_targets(ids, mask, types, [[1], [4]], pad_id=0)  # 3 vs 5 tokens: row 0 padded on the left
-    assert out["input_ids"].tolist() == [[0, 0, 5, 6, 1], [7, 8, 9, 10, 4]]
-    assert out["labels"].tolist() == [[-100, -100, -100, -100, 1], [-100, -100, -100, -100, 4]]
-    assert out["attention_mask"].tolist() == [[0, 0, 1, 1, 1], [1] * 5]
+def test_target_ids_are_right_padded_with_their_mask():
+    ids, mask = sft.target_ids([[1, 2, 3], [4]], pad_id=0)
+    assert ids.tolist() == [[1, 2, 3], [4, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
 
 
 def test_response_letter_is_where_the_cot_answer_lands_in_the_options():
@@ -40,25 +30,42 @@ def test_response_letter_is_where_the_cot_answer_lands_in_the_options():
     assert sft.sft_response(dict(id=2, options=[], solution="3.14", cot="Hmm.")) == "<think>Hmm.</think><answer>3.14</answer>"
 
 
-def test_only_the_response_and_im_end_are_supervised(toy_world, toy_model, toy_vision):
-    _, processor = toy_model
+def test_loss_is_the_cross_entropy_of_the_targets_alone(toy_world, toy_model, toy_vision):
+    # sft_loss (target positions only, chunked) = HF's loss from labels on the full logits: prompt + target
+    # left-padded, labels -100 on prompt and padding (sft.py's loss before the chunked head)
+    model, processor = copy.deepcopy(toy_model[0]), toy_model[1]
+    with torch.no_grad():  # sharper predictions than the untrained toy's near-uniform ones (tied: the embedding too)
+        model.lm_head.weight.mul_(5)
     tok = processor.tokenizer
-    rows = read_jsonl(toy_world / "data/annotations/training_with_cot_6k.jsonl")[:2]
-    examples = [dict(e, cot_answer=r["cot_answer"]) for e, r in
-                zip(load_examples(toy_world / "data/annotations/training_with_cot_6k.jsonl", toy_world / "data")[:2], rows)]
+    path = toy_world / "data/annotations/training_with_cot_6k.jsonl"
+    examples, lengths = [], set()
+    for e, r in zip(load_examples(path, toy_world / "data"), read_jsonl(path)):  # 3 rows of 3 target lengths
+        n = len(tok(sft.sft_response(dict(e, cot_answer=r["cot_answer"]))).input_ids)
+        if n not in lengths and len(examples) < 3:
+            examples.append(dict(e, cot_answer=r["cot_answer"]))
+            lengths.add(n)
     batch, kept = Collator(processor, toy_vision)(examples)
     texts = [sft.sft_response(e) + "<|im_end|>" for e in kept]
     targets = [tok(t, add_special_tokens=False).input_ids for t in texts]
-    out = sft.append_targets(batch["input_ids"], batch["attention_mask"], batch["mm_token_type_ids"], targets,
-                             tok.pad_token_id)
-    for i, text in enumerate(texts):
-        supervised = out["labels"][i][out["labels"][i] != -100]
-        assert len(supervised) == len(targets[i]) and tok.decode(supervised) == text
-        assert supervised[-1].item() == tok.convert_tokens_to_ids("<|im_end|>"), "the model learns to stop"
-        n_prompt = int(batch["attention_mask"][i].sum())
-        real = out["input_ids"][i][out["attention_mask"][i].bool()]
-        assert real[:n_prompt].tolist() == batch["input_ids"][i][batch["attention_mask"][i].bool()].tolist()
-        assert len(real) == n_prompt + len(targets[i])
+    assert len({len(t) for t in targets}) > 1 and batch["attention_mask"].min() == 0, "padding on both sides"
+    ids, mask = sft.target_ids(targets, tok.pad_token_id)
+    assert [tok.decode(i[m.bool()]) for i, m in zip(ids, mask)] == texts  # the response and <|im_end|>: learnt to stop
+    rows = {k: [] for k in ("input_ids", "labels", "attention_mask", "mm_token_type_ids")}
+    for p_ids, p_mask, p_types, tgt in zip(batch["input_ids"], batch["attention_mask"], batch["mm_token_type_ids"],
+                                           targets):
+        real, tgt = p_mask.bool(), torch.tensor(tgt)
+        rows["input_ids"].append(torch.cat([p_ids[real], tgt]))
+        rows["labels"].append(torch.cat([torch.full((int(real.sum()),), -100), tgt]))
+        rows["attention_mask"].append(torch.ones(len(rows["labels"][-1]), dtype=torch.long))
+        rows["mm_token_type_ids"].append(torch.cat([p_types[real], torch.zeros_like(tgt)]))
+    pad = {"input_ids": tok.pad_token_id, "labels": -100, "attention_mask": 0, "mm_token_type_ids": 0}
+    full = {k: pad_sequence(v, batch_first=True, padding_value=pad[k], padding_side="left") for k, v in rows.items()}
+    grids = {k: batch[k] for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts") if k in batch}
+    with torch.no_grad():
+        expected = model(**full, **grids, mm_encoder_outputs=encode_vision(model, batch)).loss
+        for chunk_size in (7, 512):
+            assert sft.sft_loss(model, batch, targets, tok.pad_token_id, chunk_size).item() == \
+                pytest.approx(expected.item(), rel=1e-6, abs=1e-5)
 
 
 def test_one_vision_call_gives_the_same_logits(toy_world, toy_model, toy_vision):
