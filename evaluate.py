@@ -93,8 +93,8 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTex
                           GenerationConfig)
 
 import toy
+from config import run_cli
 from data import BENCHMARKS, LETTERS, Collator, DataError, VisionSpec, check_prompt_lengths, load_examples
-from infra import run_cli
 from rewards import format_reward, parse_answer, score_answer, to_number
 
 LEVELS = ("L1", "L2", "L3")
