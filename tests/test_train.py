@@ -55,7 +55,7 @@ def ema_weights(ckpt):
 
     tmp = Path(ckpt) / "_full.pt"
     dcp_to_torch_save(Path(ckpt) / "train_state", tmp)
-    state = torch.load(tmp, weights_only=False)
+    state = torch.load(tmp, weights_only=True)
     tmp.unlink()
     return state.get("ref")
 
