@@ -322,17 +322,22 @@ def load_examples(path: str | os.PathLike, data_root: str | os.PathLike, seed: i
 def check_prompt_lengths(examples: list[dict], tokenizer, max_prompt_length: int) -> None:
     """Raises DataError "<file>:<line>: <field>: ..." for the first example whose prompt text alone is longer
     than `max_prompt_length` tokens, before any model is loaded (the media's tokens come on top: Collator checks
-    the whole prompt). Only texts of `max_prompt_length` bytes or more are tokenised: a byte-level BPE token
-    covers at least one byte, so shorter texts fit."""
+    the whole prompt). A byte-level BPE token covers at least one byte, so only texts of `max_prompt_length`
+    bytes or more are tokenised, and a long one is judged by its head first (a 5 MB question: in a second)."""
     tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor's own
+    count = lambda text: len(tokenizer(text, add_special_tokens=False).input_ids)  # noqa: E731
     for ex in examples:
-        if len(ex["prompt"].encode()) < max_prompt_length:
+        text, bound = ex["prompt"], max_prompt_length
+        if len(text.encode()) < bound:
             continue
-        n = len(tokenizer(ex["prompt"], add_special_tokens=False).input_ids)
-        if n > max_prompt_length:
-            field = max(("question", "options"), key=lambda k: len(str(ex[k])))  # the one that makes it long
-            raise DataError(f"{ex['where']}: {field}: the prompt is {n} tokens, more than --max_prompt_length "
-                            f"{max_prompt_length} (sample {ex['id']})")
+        fail = lambda problem: DataError(  # noqa: E731 - names the longer of the question and the options
+            f"{ex['where']}: {max(('question', 'options'), key=lambda k: len(str(ex[k])))}: {problem}, more than "
+            f"--max_prompt_length {bound} (sample {ex['id']})")
+        cut = text.rfind(" ", 0, 16 * bound)  # a head cut before a space: no token spans it, nor exceeds the text's
+        if len(text) > 16 * bound and cut > 0 and (n := count(text[:cut])) > bound + 1:  # + 1: the cut's own space
+            raise fail(f"the prompt is over {n - 1} tokens (its first {cut} characters alone are {n})")
+        if (n := count(text)) > bound:
+            raise fail(f"the prompt is {n} tokens")
 
 
 def check_media_dirs(examples: list[dict], source: str | os.PathLike) -> None:

@@ -289,13 +289,12 @@ def test_a_huge_question_is_refused_by_its_token_count_before_any_model(toy_worl
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(toy_world / "model")
-    # 1 MB here (2 s); the 5 MB question fails the same way, in 8 s with the toy's small vocabulary
-    rows = [TRAIN_ROW, dict(TRAIN_ROW, sample_id=8, question="wash the red cup " * 60_000)]
+    rows = [TRAIN_ROW, dict(TRAIN_ROW, sample_id=8, question="wash the red cup " * 300_000)]  # 5 MB, judged by its head
     (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     examples = load_examples(tmp_path / "t.jsonl", tmp_path)
     # before: no bound; the run reached the model and tried to allocate ~1 TB for its attention
-    with pytest.raises(DataError, match=r"t\.jsonl:2: question: the prompt is \d+ tokens, more than "
-                                        r"--max_prompt_length 16384 \(sample 8\)"):
+    with pytest.raises(DataError, match=r"t\.jsonl:2: question: the prompt is over \d+ tokens \(its first 262\d\d\d "
+                                        r"characters alone are \d+\), more than --max_prompt_length 16384 \(sample 8\)$"):
         data.check_prompt_lengths(examples, tok, 16384)
     n = len(tok(examples[0]["prompt"], add_special_tokens=False).input_ids)
     data.check_prompt_lengths(examples[:1], tok, n)  # exactly at the bound: fits
