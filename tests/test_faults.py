@@ -126,8 +126,13 @@ def test_latest_falls_back_to_the_newest_good_checkpoint(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def two_steps(toy_world, tmp_path_factory):
     """A real toy run of 2 steps with a checkpoint after each (a few seconds)."""
-    out = tmp_path_factory.mktemp("two_steps")
-    grpo_care.main(args(toy_world, out, "--max_steps", "2", "--save_steps", "1"))
+    import contextlib
+    import io
+
+    out, printed = tmp_path_factory.mktemp("two_steps"), io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        grpo_care.main(args(toy_world, out, "--max_steps", "2", "--save_steps", "1"))
+    (out / "printed.txt").write_text(printed.getvalue())  # beside the checkpoints, not in them
     return out
 
 
@@ -298,9 +303,10 @@ def test_a_diverged_run_stops_naming_the_last_checkpoint_before_it(toy_world, tm
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
 
 
-def test_the_end_of_a_run_counts_the_skipped_updates(toy_world, tmp_path, capsys):
-    grpo_care.main(args(toy_world, tmp_path, "--max_steps", "1"))
-    assert "0 of 1 updates skipped as non-finite (loss or gradient norm)" in capsys.readouterr().out.splitlines()
+def test_the_end_of_a_run_counts_the_skipped_updates(two_steps):
+    # before: the end of a run said nothing of its skipped updates
+    printed = (two_steps / "printed.txt").read_text().splitlines()
+    assert "0 of 2 updates skipped as non-finite (loss or gradient norm)" in printed
 
 
 # --- a prompt too long ------------------------------------------------------------------------------------------
