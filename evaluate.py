@@ -33,6 +33,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTex
                           GenerationConfig)
 
 import toy
+from checkpoints import claim_output_dir
 from config import run_cli
 from data import BENCHMARKS, LETTERS, Collator, DataError, VisionSpec, check_prompt_lengths, load_examples
 from rewards import format_reward, parse_answer, score_answer, to_number
@@ -348,6 +349,7 @@ def main(argv=None):
     # cpu=True: on a CPU machine Accelerator forms no process group under a multi-process launch otherwise
     acc = Accelerator(cpu=not torch.cuda.is_available())
     out = Path(a.output_dir or Path(a.model_path) / ("eval_general" if a.benchmark else "eval_seed_bench_r1"))
+    claim_output_dir(out)  # held till the process ends: a second evaluation into out/ stops here
     pred_path = out / "predictions.jsonl"
     vision = (VisionSpec(**toy.TOY_VISION) if a.toy else
               VisionSpec(video_fps=a.fps, video_max_frames=max_frames(a.max_frames, a.benchmark)))

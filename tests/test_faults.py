@@ -205,6 +205,27 @@ def test_a_second_run_sees_the_lock_at_once_and_a_killed_one_leaves_none(toy_wor
         grpo_care.main(args(toy_world, out, "--max_steps", "1"))
 
 
+def test_a_second_evaluation_into_one_output_dir_stops_before_any_model(toy_world, tmp_path, monkeypatch):
+    import multiprocessing
+
+    import evaluate as ev
+
+    monkeypatch.setattr(ev, "load_eval_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    ctx, out = multiprocessing.get_context("fork"), tmp_path / "eval"
+    held = ctx.Event()
+    holder = ctx.Process(target=hold, args=(out, held))
+    holder.start()
+    try:
+        assert held.wait(60)
+        # before: both appended to one predictions.jsonl
+        with pytest.raises(ConfigError, match=rf"--output_dir {out} is in use by another run \(pid {holder.pid} "):
+            ev.main(["--model_path", str(toy_world / "model"), "--data_root", str(toy_world / "data"),
+                     "--output_dir", str(out), "--toy"])
+    finally:
+        holder.kill()
+        holder.join()
+
+
 # --- a full disk ----------------------------------------------------------------------------------------------
 
 def checkpoint_exception(exc: BaseException) -> CheckpointException:
