@@ -80,3 +80,60 @@ def readable_prompts(examples: list[dict], collate, skips: SkipLog, max_skip_fra
     dist.all_reduce(n_common, op=dist.ReduceOp.MIN)
     batches = batches[:int(n_common)]
     return [ex for ex, _ in batches], [batch.to(device) for _, batch in batches], len(collate.failures) - n_failed
+
+
+# --- the update budget: optimizer updates skipped because the loss or the gradient norm is not finite ---
+
+UPDATE_WINDOW = 50  # the recent updates --max_nonfinite_frac judges
+MIN_UPDATES_JUDGED = 10  # updates before the fraction is judged: one NaN of 2 updates is not a trend
+
+
+@dataclass
+class UpdateLog:
+    """The run's optimizer updates and those skipped as non-finite: totals, the current streak, and the last
+    UPDATE_WINDOW updates as [step, skipped]. Saved in every checkpoint's trainer_state.json, like SkipLog."""
+    skipped: int = 0
+    total: int = 0
+    streak: int = 0
+    recent: list = field(default_factory=list)
+
+    def add(self, step: int, stepped: list[bool]) -> None:
+        for ok in stepped:
+            self.total += 1
+            self.skipped += not ok
+            self.streak = 0 if ok else self.streak + 1
+            self.recent = (self.recent + [[step, int(not ok)]])[-UPDATE_WINDOW:]
+
+    def first_bad_step(self) -> int | None:
+        """The step of the oldest skipped update still in the window."""
+        return next((s for s, bad in self.recent if bad), None)
+
+    def summary(self) -> str:
+        return f"{self.skipped} of {self.total} updates skipped as non-finite (loss or gradient norm)"
+
+
+def update_verdict(streak: int, recent_skipped: int, recent_total: int, max_streak: int, max_frac: float) -> str | None:
+    """Why the run must stop, or None: more than `max_streak` updates in a row skipped, or more than `max_frac` of
+    the recent ones (judged from MIN_UPDATES_JUDGED updates on). A run whose updates keep failing has diverged
+    (a learning rate far too high, say): it must not go on to end "done" on weights that no longer change."""
+    if streak > max_streak:
+        return f"{streak} updates in a row were skipped as non-finite (more than --max_nonfinite_streak {max_streak})"
+    if recent_total >= MIN_UPDATES_JUDGED and recent_skipped > max_frac * recent_total:
+        return (f"{recent_skipped} of the last {recent_total} updates were skipped as non-finite (more than "
+                f"--max_nonfinite_frac {max_frac})")
+    return None
+
+
+def check_updates(updates: UpdateLog, max_streak: int, max_frac: float, checkpoints_before) -> None:
+    """RunAborted (the same on every rank: the verdict comes from all-reduced norms) when `update_verdict` says so,
+    naming the last checkpoint saved before the first skipped update: `checkpoints_before(step)` -> path or None."""
+    verdict = update_verdict(updates.streak, sum(bad for _, bad in updates.recent), len(updates.recent), max_streak,
+                             max_frac)
+    if verdict is None:
+        return
+    first = updates.first_bad_step()
+    good = checkpoints_before(first)
+    where = (f"the last checkpoint before step {first}, the first skipped, is {good}: start a new run from it "
+             f"(--model_path {good}) with a lower --learning_rate" if good else
+             f"no checkpoint was saved before step {first}, the first skipped: start over with a lower --learning_rate")
+    raise RunAborted(f"{verdict}; {updates.summary()}; the weights have likely diverged. {where}")

@@ -11,12 +11,16 @@ logs back to the checkpoint's step.
 """
 from __future__ import annotations
 
-import contextlib
-import errno
+import fcntl
+import hashlib
 import json
 import os
+import pickle
 import random
+import re
 import shutil
+import socket
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -26,31 +30,45 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 
-from config import ConfigError, RunAborted
+from config import ConfigError, RunAborted, RunConfig, is_disk_full
 from distributed import rank0_print
 
 
 def save_checkpoint(out: Path, step: int, policy, ref, optimizer, scheduler, processor, cfg: RunConfig,
                     counters: dict | None = None) -> Path:
-    """Writes `checkpoint-<step>` under a temporary name and renames it when complete. `counters`
-    (the run's skipped samples, non-finite steps) go into trainer_state.json for a resumed run."""
+    """Writes `checkpoint-<step>` under a temporary name, then its manifest (every file's size and sha256), and
+    renames it when complete. `counters` (the run's skipped samples and updates) go into trainer_state.json for a
+    resumed run. A full disk on any rank is RunAborted on every rank, with the partial checkpoint removed."""
     final, tmp = out / f"checkpoint-{step}", out / f"checkpoint-{step}.tmp"
     rank = dist.get_rank()
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
-    dcp.save(_train_state(policy, ref, optimizer), checkpoint_id=tmp / "train_state")
-    full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    torch.save({"torch": torch.get_rng_state(), "python": random.getstate(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-               tmp / f"rng_state_{rank}.pt")  # dcp.save made tmp/ and ended with a barrier
-    if rank == 0:
-        policy.save_pretrained(tmp, state_dict=full)  # loadable by plain transformers
-        processor.save_pretrained(tmp)
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        state = {"step": step, "config": asdict(cfg), "counters": counters or {}}
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
-    dist.barrier()
+    failure = None
+    try:
+        dcp.save(_train_state(policy, ref, optimizer), checkpoint_id=tmp / "train_state")  # raises on every rank
+        full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        torch.save({"torch": torch.get_rng_state(), "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+                   tmp / f"rng_state_{rank}.pt")  # dcp.save made tmp/ and ended with a barrier
+        if rank == 0:
+            policy.save_pretrained(tmp, state_dict=full)  # loadable by plain transformers
+            processor.save_pretrained(tmp)
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            state = {"step": step, "config": asdict(cfg), "counters": counters or {}}
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+    except Exception as e:  # noqa: BLE001 - every rank must hear of it; torch's CheckpointException is caught below
+        failure = e
+    except BaseException as e:  # CheckpointException derives from BaseException; an interrupt is re-raised
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        failure = e
+    _agree(failure, final, tmp)
+    try:
+        write_manifest(tmp)  # a collective; hashed in shares by every rank
+    except Exception as e:  # noqa: BLE001
+        failure = e
+    _agree(failure, final, tmp)
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)  # atomic: a crash before this line leaves the previous checkpoint whole
@@ -58,9 +76,37 @@ def save_checkpoint(out: Path, step: int, policy, ref, optimizer, scheduler, pro
     return final
 
 
+def _agree(failure: BaseException | None, final: Path, tmp: Path) -> None:
+    """A collective: when any rank failed to write, every rank raises (RunAborted for a full disk) and the partial
+    checkpoint is removed; one rank alone raising would leave the others waiting forever in the next collective."""
+    verdicts = [None] * dist.get_world_size()
+    dist.all_gather_object(verdicts, None if failure is None else (is_disk_full(failure), repr(failure)[:300]))
+    failed = [(r, v) for r, v in enumerate(verdicts) if v is not None]
+    if not failed:
+        return
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    if any(full for _, (full, _) in failed):
+        raise RunAborted(f"{final}: no space left on device while saving (the earlier checkpoints are intact); "
+                         "free space, then resume with --resume_from_checkpoint latest") from failure
+    if failure is not None:
+        raise failure
+    raise RuntimeError(f"saving {final} failed on rank {failed[0][0]}: {failed[0][1][1]}")
+
+
 def _train_state(policy, ref, optimizer) -> dict:  # sharded: each rank saves and loads its own shards
     model_sd, optim_sd = get_state_dict(policy, optimizer)
     return {"model": model_sd, "optim": optim_sd, **({"ref": get_model_state_dict(ref)} if ref is not None else {})}
+
+
+def _load_plain(path: Path):
+    """torch.load with weights_only: tensors, numbers and containers only, so a crafted file cannot run code
+    (DCP's own .metadata is still pickled: resume only checkpoints you trust)."""
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ConfigError(f"{path}: not a plain tensor file, refused ({str(e).splitlines()[0][:200]})") from None
 
 
 def load_checkpoint(path: Path, policy, ref, optimizer, scheduler) -> int:
@@ -70,8 +116,8 @@ def load_checkpoint(path: Path, policy, ref, optimizer, scheduler) -> int:
     set_state_dict(policy, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     if ref is not None:
         set_model_state_dict(ref, state["ref"])
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-    rng = torch.load(path / f"rng_state_{dist.get_rank()}.pt", weights_only=False)
+    scheduler.load_state_dict(_load_plain(path / "scheduler.pt"))
+    rng = _load_plain(path / f"rng_state_{dist.get_rank()}.pt")
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
     if rng["cuda"] is not None:
@@ -88,9 +134,10 @@ RUN_FILES = ("metrics.jsonl", "completions.jsonl", "curves.png", "tensorboard") 
 
 
 def check_output_dir(out: Path, resuming: bool, overwrite: bool, files=RUN_FILES) -> list[Path]:
-    """The run files (`files`, checkpoint-*) already in `out`, to delete. A used dir is refused unless the
-    run resumes (it then owns them: nothing to delete) or `overwrite`. Read-only: every rank may call it."""
-    used = sorted(out.glob("checkpoint-*")) + [out / f for f in files if (out / f).exists()]
+    """The run files (`files`, checkpoint-N and checkpoint-N.tmp) already in `out`, to delete. A used dir is refused
+    unless the run resumes (it then owns them: nothing to delete) or `overwrite`. Read-only: every rank may call it."""
+    used = sorted(p for p in out.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+(\.tmp)?", p.name))
+    used += [out / f for f in files if (out / f).exists()]
     if used and not resuming and not overwrite:
         names = ", ".join(p.name for p in used[:4]) + (", ..." if len(used) > 4 else "")
         raise ConfigError(f"--output_dir {out} holds a run ({names}): pass --resume_from_checkpoint latest to "
@@ -113,14 +160,95 @@ def truncate_history(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
+MANIFEST = "manifest.json"
+_CHECKPOINT = re.compile(r"checkpoint-(\d+)")  # checkpoint-2.bak, a user's copy, is not one
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """N for a directory named checkpoint-<N>, else None."""
+    m = _CHECKPOINT.fullmatch(path.name)
+    return int(m.group(1)) if m and path.is_dir() else None
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _shared(work: list, job) -> list:
+    """[job(x) for x in work], each rank doing every world-th item (a 7B checkpoint is ~130 GB to hash), the
+    results concatenated over the ranks. A collective when the process group is up; `work` is the same on all."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    mine = [job(x) for x in work[rank::world]]
+    if world == 1:
+        return mine
+    everyone = [None] * world
+    dist.all_gather_object(everyone, mine)
+    return [y for ys in everyone for y in ys]
+
+
+def write_manifest(ckpt: Path) -> None:
+    """`ckpt`/manifest.json: {file: [size, sha256]} of every file in `ckpt`. A collective."""
+    files = sorted((p for p in ckpt.rglob("*") if p.is_file() and p != ckpt / MANIFEST),
+                   key=lambda p: (-p.stat().st_size, str(p)))
+    entries = _shared(files, lambda p: (p.relative_to(ckpt).as_posix(), p.stat().st_size, _sha256(p)))
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        (ckpt / MANIFEST).write_text(json.dumps({name: [size, digest] for name, size, digest in sorted(entries)},
+                                                indent=0))
+
+
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """What is wrong with `ckpt`, "<file>: <problem>", or None when every file its manifest lists is there with
+    its size and sha256 (files added later, an evaluation's say, are not judged). A collective."""
+    try:
+        manifest = json.loads((ckpt / MANIFEST).read_text())
+        entries = sorted(((name, int(size), str(digest)) for name, (size, digest) in manifest.items()),
+                         key=lambda e: (-e[1], e[0]))
+    except FileNotFoundError:
+        return f"{ckpt / MANIFEST}: missing (the save did not finish, or predates manifests)"
+    except (OSError, ValueError, TypeError, AttributeError) as e:  # cut or edited
+        return f"{ckpt / MANIFEST}: unreadable ({type(e).__name__})"
+    for name, size, _ in entries:  # sizes first: a cut file is found without reading anything
+        path = ckpt / name
+        if os.path.isabs(name) or ".." in Path(name).parts:
+            return f"{ckpt / MANIFEST}: {name!r} is outside the checkpoint"
+        if not path.is_file():
+            return f"{path}: missing"
+        if path.stat().st_size != size:
+            return f"{path}: {path.stat().st_size} bytes, the manifest says {size}"
+    bad = _shared(entries, lambda e: None if _sha256(ckpt / e[0]) == e[2] else f"{ckpt / e[0]}: contents differ "
+                                                                                "from the manifest's sha256 (corrupt)")
+    return min((b for b in bad if b), default=None)
+
+
+def last_checkpoint_before(out: Path, step: int) -> Path | None:
+    """The newest checkpoint-N of `out` with N < `step` (saved before that step's update), or None."""
+    before = [p for p in out.iterdir() if checkpoint_step(p) is not None and checkpoint_step(p) < step]
+    return max(before, key=checkpoint_step, default=None)
+
+
 def find_resume_checkpoint(out: Path, resume: str) -> Path:
-    """The checkpoint `resume` names, or for "latest" the complete checkpoint-N of `out` with the highest N."""
-    done = [p for p in out.glob("checkpoint-*") if not p.name.endswith(".tmp") and (p / "trainer_state.json").exists()]
-    ckpt = max(done, key=lambda p: int(p.name.split("-")[1]), default=None) if resume == "latest" else Path(resume)
-    if ckpt is None or not (ckpt / "trainer_state.json").exists():
-        where = f"no checkpoint in {out}" if resume == "latest" else f"{resume} is not a checkpoint (no trainer_state.json)"
-        raise ConfigError(f"--resume_from_checkpoint {resume}: {where}")
-    return ckpt
+    """The checkpoint `resume` names, verified (`checkpoint_problem`), or for "latest" the newest good checkpoint-N
+    of `out`, saying which newer ones were passed over and why. ConfigError naming the file when there is none."""
+    if resume != "latest":
+        ckpt = Path(resume)
+        problem = checkpoint_problem(ckpt) if ckpt.is_dir() else f"{ckpt}: no such directory"
+        if problem:
+            raise ConfigError(f"--resume_from_checkpoint {resume}: {problem}")
+        return ckpt
+    found = sorted((p for p in out.iterdir() if checkpoint_step(p) is not None), key=checkpoint_step, reverse=True)
+    damaged = []
+    for ckpt in found:
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
+            for name, why in damaged:
+                rank0_print(f"resume: {name} is damaged, passed over ({why})")
+            if damaged:
+                rank0_print(f"resume: the newest good checkpoint is {ckpt.name}")
+            return ckpt
+        damaged.append((ckpt.name, problem))
+    why = f" ({len(damaged)} damaged, the newest: {damaged[0][1]})" if damaged else ""
+    raise ConfigError(f"--resume_from_checkpoint latest: no {'good ' if damaged else ''}checkpoint in {out}{why}")
 
 
 # Flags whose change a resume would silently drop: the checkpoint's optimizer and schedule restore their own
@@ -188,27 +316,38 @@ def open_run_dir(out: Path, cfg, total_steps: int, files=RUN_FILES) -> tuple[Pat
     return ckpt, saved
 
 
-def is_disk_full(e: BaseException) -> bool:
-    """ENOSPC anywhere in the exception chain; torch.save on a full disk says only "unexpected pos"."""
-    while e is not None:
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            return True
-        text = str(e)
-        if "No space left on device" in text or "unexpected pos" in text:
-            return True
-        e = e.__cause__ or e.__context__
-    return False
+_HELD: dict[Path, object] = {}  # output dir -> its open, locked .lock file, for the life of the process
 
 
-@contextlib.contextmanager
-def disk_full_is_an_error(ckpt: Path):
-    """Around a checkpoint save: a full disk becomes one clear RunAborted naming the checkpoint, and the
-    half-written `<ckpt>.tmp` is removed (the previous checkpoint is whole: the save renames last)."""
-    try:
-        yield
-    except Exception as e:  # noqa: BLE001 - re-raised unless the disk is full
-        if not is_disk_full(e):
-            raise
-        shutil.rmtree(f"{ckpt}.tmp", ignore_errors=True)
-        raise RunAborted(f"{ckpt}: no space left on device while saving (the earlier checkpoints are intact); "
-                         "free space, then resume with --resume_from_checkpoint latest") from e
+def claim_output_dir(out: Path) -> None:
+    """Rank 0 takes an exclusive flock on `out`/.lock before anything is read or written there, and holds it until
+    the process ends; ConfigError on every rank when another run holds it. The kernel drops a flock when its
+    process ends, however it ends (kill -9 included), so a crashed run leaves no stale lock behind and nothing has
+    to tell one apart: the pid and host written in the file only name the holder. A collective."""
+    error = None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        key = out.resolve()
+        if key in _HELD:  # this process claimed it before (an earlier main() in the same process)
+            _HELD.pop(key).close()
+        fh = open(out / ".lock", "a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+            fh.flush()
+            _HELD[key] = fh
+        except BlockingIOError:
+            fh.seek(0)
+            error = f"--output_dir {out} is in use by another run ({fh.read().strip() or 'holder unknown'})"
+            fh.close()
+        except OSError as e:  # a file system without flock (Lustre mounted without -o flock, say)
+            rank0_print(f"warning: cannot lock {out / '.lock'} ({e.strerror}): two runs in {out} are not told apart")
+            fh.close()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        error = [error]
+        dist.broadcast_object_list(error, src=0)
+        error = error[0]
+    if error:
+        raise ConfigError(error)

@@ -12,6 +12,7 @@ given; start-up prints which.
 from __future__ import annotations
 
 import copy
+import errno
 import importlib.util
 import math
 import os
@@ -75,6 +76,8 @@ class RunConfig:
     toy: bool | None = setting(None, "toy-sized settings (toy.py); default: when model_path is empty")
     seed: int = setting(42, "seeds data order, option shuffles (and GRPO's sampling)")
     shuffle_options: bool = setting(True, "shuffle training options (false: alphabetical)")
+    max_prompt_length: int = setting(16384, "prompt tokens at most, media included (the reference's); a longer "
+                                     "row is refused at load, or skipped once its media are read", int_ge(1))
     prompts_per_device: int = setting(1, "prompts per process per step", int_ge(1))
     num_epochs: int = setting(1, "passes over the training file", int_ge(1))
     max_steps: int = setting(-1, "stop after this many steps (-1: the epochs decide)",
@@ -84,6 +87,9 @@ class RunConfig:
     warmup_ratio: float = setting(0.0, "linear warm-up fraction of the steps", between(0, 1))
     weight_decay: float = setting(0.01, "AdamW weight decay", NONNEG)
     max_grad_norm: float = setting(5.0, "gradient clipping", POSITIVE)
+    max_nonfinite_streak: int = setting(2, "abort past this many updates in a row skipped as non-finite", int_ge(0))
+    max_nonfinite_frac: float = setting(0.1, "abort past this fraction of the last 50 updates skipped as non-finite "
+                                        "(1: never)", between(0, 1))
     # media (qwen-vl-utils)
     video_fps: float = setting(2.0, "frames sampled per second", POSITIVE)
     video_min_frames: int = setting(4, "fewest frames per video", int_ge(1))
@@ -189,6 +195,21 @@ def plan_steps(n_rows: int, prompts_per_device: int, world: int, num_epochs: int
     return steps_per_epoch, min(total, max_steps) if max_steps > 0 else total
 
 
+def is_disk_full(e: BaseException) -> bool:
+    """ENOSPC (or a quota) anywhere in the exception chain, or in a CheckpointException's per-rank failures;
+    torch.save on a full disk says only "unexpected pos"."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(is_disk_full(exc) for exc, _ in getattr(e, "failures", {}).values()):  # torch's CheckpointException
+            return True
+        text = str(e)
+        if "No space left on device" in text or "unexpected pos" in text:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def run_cli(main) -> None:
     """`main()` as a command: a user error (a flag, a data file, lost samples, a full disk) is one line
     "error: ..." on stderr and exit status 2, without a traceback; a bug still raises with one."""
@@ -196,4 +217,11 @@ def run_cli(main) -> None:
         main()
     except (ConfigError, DataError, RunAborted) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except BaseException as e:  # torch's CheckpointException is a BaseException
+        if not is_disk_full(e):
+            raise
+        where = getattr(e, "filename", None)
+        print(f"error: {where or 'a write'}: no space left on device; free space, then rerun (a training run: "
+              "--resume_from_checkpoint latest keeps the steps of its checkpoints)", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -20,6 +20,7 @@ import functools
 import json
 import logging
 import os
+import posixpath
 import random
 import re
 import warnings
@@ -181,6 +182,24 @@ def check_seed_row(row: dict, where: str, validation: bool) -> None:
         neg = row["negative_answers"]
         if not isinstance(neg, list) or len(neg) < 3 or not all(isinstance(n, str) for n in neg):
             raise fail("negative_answers", f"expected a list of at least 3 strings, got {neg!r}")
+        for i, n in enumerate(neg):
+            if not n.strip():  # shown as a bare "B. " option
+                raise fail("negative_answers", f"item {i} is empty")
+            if n.strip() == row["answer"].strip():  # two identical options, one of them scored wrong
+                raise fail("negative_answers", f"item {i} {n!r} is the answer")
+    media = [("video_source", "videos/" + row["video_source"])]
+    if row["task_progress_metadata"]:
+        media.append(("video_basename", f"videos/{row['video_source']}/{row['video_basename']}"))
+    media.append(("current_observation_basename", f"images/{row['video_source']}/{row['current_observation_basename']}"))
+    for field, path in media:
+        if not inside_root(row[field], path):
+            raise fail(field, f"{row[field]!r} leads outside --data_root (an absolute path, or '..' above it)")
+
+
+def inside_root(value: str, path: str) -> bool:
+    """Whether the media path `path` (relative to --data_root, built with `value`) stays inside it, read from
+    the text alone: a symlinked videos/ or images/ folder (common on clusters) is followed, not judged."""
+    return not os.path.isabs(value) and posixpath.normpath(path).split("/")[0] != ".."
 
 
 def make_example(row: dict, data_root: str | os.PathLike, seed: int = 0, epoch: int = 0,
@@ -209,7 +228,7 @@ def make_example(row: dict, data_root: str | os.PathLike, seed: int = 0, epoch: 
         prompt=prompt_text(row["question"], options), question=row["question"], domain=row.get("domain"),
         video=str(root / "videos" / row["video_source"] / row["video_basename"]) if has_video else None,
         image=str(root / "images" / row["video_source"] / row["current_observation_basename"]),
-        cot=row.get("cot"), problem_type="multiple choice",
+        cot=row.get("cot"), problem_type="multiple choice", where=source,
     )
 
 
@@ -228,9 +247,14 @@ def make_video_r1_example(row: dict, data_root: str | os.PathLike, source: str =
     for field in ("problem", "solution", "path"):
         if not isinstance(row[field], str):
             raise fail(field, f"expected a string, got {row[field]!r}")
-    options = row.get("options") or []
+    options = [] if row.get("options") is None else row["options"]
+    if not isinstance(options, list) or not all(isinstance(o, str) for o in options):
+        # a string would become one option line per character
+        raise fail("options", f"expected a list of strings ('A. ...'), got {type(options).__name__} {options!r:.80}")
     if problem_type == "multiple choice" and not options:
         raise fail("options", "a multiple-choice row needs options")
+    if not inside_root(row["path"], row["path"]):
+        raise fail("path", f"{row['path']!r} leads outside --data_root (an absolute path, or '..' above it)")
     solution = parse_answer(row["solution"])
     solution = row["solution"].strip() if solution is None else solution
     media = str(Path(data_root) / row["path"].removeprefix("./"))  # the reference's path[2:]
@@ -242,7 +266,7 @@ def make_video_r1_example(row: dict, data_root: str | os.PathLike, source: str =
         id=row["problem_id"], options=options, solution=solution, answer=solution,
         prompt=question_prompt(row["problem"], problem_type, options), question=row["problem"],
         domain=row.get("data_source"), video=media if kind == "video" else None,
-        image=media if kind == "image" else None, cot=cot, problem_type=problem_type,
+        image=media if kind == "image" else None, cot=cot, problem_type=problem_type, where=source,
     )
 
 
@@ -255,7 +279,34 @@ def load_examples(path: str | os.PathLike, data_root: str | os.PathLike, seed: i
     if rows and {"problem_id", "problem_type"} & rows[0][1].keys():
         return [make_video_r1_example(r, data_root, source=where) for where, r in rows]
     validation = split_of(path) == "validation"
-    return [make_example(r, data_root, seed, epoch, where, shuffle_options, validation) for where, r in rows]
+    examples = [make_example(r, data_root, seed, epoch, where, shuffle_options, validation) for where, r in rows]
+    first = {}  # str: the id keys seeds, completions.jsonl and evaluation records as text, so 7 and "7" collide
+    for where, r in rows:
+        at = first.setdefault(str(r["sample_id"]), where)
+        if at != where:
+            raise DataError(f"{where}: sample_id: {r['sample_id']!r} is also the id of the row at {at}")
+    return examples
+
+
+def check_prompt_lengths(examples: list[dict], tokenizer, max_prompt_length: int) -> None:
+    """Raises DataError "<file>:<line>: <field>: ..." for the first example whose prompt text alone is longer
+    than `max_prompt_length` tokens, before any model is loaded (the media's tokens come on top: Collator checks
+    the whole prompt). A byte-level BPE token covers at least one byte, so only texts of `max_prompt_length`
+    bytes or more are tokenised, and a long one is judged by its head first (a 5 MB question: in a second)."""
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor's own
+    count = lambda text: len(tokenizer(text, add_special_tokens=False).input_ids)  # noqa: E731
+    for ex in examples:
+        text, bound = ex["prompt"], max_prompt_length
+        if len(text.encode()) < bound:
+            continue
+        fail = lambda problem: DataError(  # noqa: E731 - names the longer of the question and the options
+            f"{ex['where']}: {max(('question', 'options'), key=lambda k: len(str(ex[k])))}: {problem}, more than "
+            f"--max_prompt_length {bound} (sample {ex['id']})")
+        cut = text.rfind(" ", 0, 16 * bound)  # a head cut before a space: no token spans it, nor exceeds the text's
+        if len(text) > 16 * bound and cut > 0 and (n := count(text[:cut])) > bound + 1:  # + 1: the cut's own space
+            raise fail(f"the prompt is over {n - 1} tokens (its first {cut} characters alone are {n})")
+        if (n := count(text)) > bound:
+            raise fail(f"the prompt is {n} tokens")
 
 
 def check_media_dirs(examples: list[dict], source: str | os.PathLike) -> None:
@@ -363,35 +414,47 @@ class _Caught(logging.Handler):
 
 
 class Collator:
-    """Examples -> left-padded processor inputs. Unreadable samples are skipped and counted;
+    """Examples -> left-padded processor inputs. Unreadable samples, and prompts longer than
+    `max_prompt_length` tokens with their media (None: no bound), are skipped and counted;
     `failures` keeps (sample id, file, reason) of each, in order."""
 
-    def __init__(self, processor, vision: VisionSpec | None = None):
+    def __init__(self, processor, vision: VisionSpec | None = None, max_prompt_length: int | None = None):
         self.processor, self.vision, self.skipped = processor, vision or VisionSpec(), 0
+        self.max_prompt_length = max_prompt_length
         self.failures: list[tuple] = []
         self.processor.tokenizer.padding_side = "left"  # generation appends on the right
 
+    def _skip(self, ex: dict, path: str, reason: str) -> None:
+        self.skipped += 1
+        self.failures.append((ex["id"], path, reason))
+        logging.getLogger("grpo_care").warning("skipping sample %s: %s: %s", ex["id"], path, reason)
+
     def __call__(self, examples: list[dict]):
-        kept, images, videos, metadata = [], [], [], []
+        loaded = []
         for ex in examples:
             try:
-                im, vi, me = load_media(ex, self.vision)
+                loaded.append((ex, *load_media(ex, self.vision)))
             except Exception as e:  # noqa: BLE001 - any unreadable media is a skipped sample
-                self.skipped += 1
                 path, reason = (e.path, e.reason) if isinstance(e, MediaError) else (ex["video"] or ex["image"], repr(e))
-                self.failures.append((ex["id"], path, reason))
-                logging.getLogger("grpo_care").warning("skipping sample %s: %s", ex["id"], e)
-                continue
-            kept.append(ex)
-            images += im
-            videos += vi
-            metadata += me
-        if not kept:
-            return None, []
+                self._skip(ex, path, reason)
+        while loaded:
+            batch = self._process(loaded)
+            lengths = batch["attention_mask"].sum(-1).tolist()  # (B,) tokens per prompt: padding is 0
+            fits = [self.max_prompt_length is None or n <= self.max_prompt_length for n in lengths]
+            if all(fits):
+                return batch, [ex for ex, *_ in loaded]
+            for (ex, *_), n, ok in zip(loaded, lengths, fits):
+                if not ok:
+                    self._skip(ex, ex.get("where") or f"sample {ex['id']}", f"prompt too long ({n} tokens with its "
+                               f"media, more than --max_prompt_length {self.max_prompt_length})")
+            loaded = [item for item, ok in zip(loaded, fits) if ok]  # rare: the others are processed again
+        return None, []
+
+    def _process(self, loaded: list[tuple]):
         texts = [self.processor.apply_chat_template(messages(ex, self.vision), tokenize=False,
-                                                    add_generation_prompt=True) for ex in kept]
+                                                    add_generation_prompt=True) for ex, *_ in loaded]
+        images, videos, metadata = ([x for item in loaded for x in item[k]] for k in (1, 2, 3))
         # qwen-vl-utils already resized and sampled frames: the processor must not do it again
-        batch = self.processor(text=texts, images=images or None, videos=videos or None,
-                               video_metadata=metadata or None, do_resize=False, do_sample_frames=False, cap_pixels_per_frame=True,
-                               padding=True, return_tensors="pt")
-        return batch, kept
+        return self.processor(text=texts, images=images or None, videos=videos or None,
+                              video_metadata=metadata or None, do_resize=False, do_sample_frames=False,
+                              cap_pixels_per_frame=True, padding=True, return_tensors="pt")

@@ -34,8 +34,9 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTex
                           GenerationConfig)
 
 import toy
-from data import BENCHMARKS, LETTERS, Collator, VisionSpec, load_examples
+from checkpoints import claim_output_dir
 from config import run_cli
+from data import BENCHMARKS, LETTERS, Collator, VisionSpec, check_prompt_lengths, load_examples
 from rewards import format_reward, parse_answer, score_answer, to_number
 from rollout import end_ids
 
@@ -215,14 +216,17 @@ def markdown(summary: dict, model: str) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # models
+def load_eval_processor(path: str):
+    """The processor of a Qwen-VL checkpoint, else its tokenizer: cheap, read before the model."""
+    return (AutoProcessor if "_vl" in AutoConfig.from_pretrained(path).model_type else AutoTokenizer).from_pretrained(path)
+
+
 def load_eval_model(path: str, device):
     """(model.eval() on device, processor or tokenizer): Qwen-VL configs get the image-text class."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # the checkpoints' own bf16 on GPU
-    if "_vl" in AutoConfig.from_pretrained(path).model_type:  # qwen2_vl, qwen2_5_vl
-        model, proc = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype), AutoProcessor.from_pretrained(path)
-    else:
-        model, proc = AutoModelForCausalLM.from_pretrained(path, dtype=dtype), AutoTokenizer.from_pretrained(path)
-    return model.to(device).eval(), proc
+    vl = "_vl" in AutoConfig.from_pretrained(path).model_type  # qwen2_vl, qwen2_5_vl
+    model = (AutoModelForImageTextToText if vl else AutoModelForCausalLM).from_pretrained(path, dtype=dtype)
+    return model.to(device).eval(), load_eval_processor(path)
 
 
 def make_judge(model, processor, batch_size: int = 8):
@@ -337,29 +341,37 @@ def main(argv=None):
     p.add_argument("--video_r1_mmvu", action="store_true",
                    help="MMVU decoded as the reference decodes Video-R1-trained checkpoints: sampled at temperature 1, "
                         "top-p 0.95, up to 768 new tokens (fewer if --max_new_tokens is)")
+    p.add_argument("--max_prompt_length", type=int, default=16384,
+                   help="prompt tokens at most, media included (the reference's bound); a longer one is refused or skipped")
     p.add_argument("--toy", action="store_true", help="toy world: toy media sizes and rule consistency")
     a = p.parse_args(argv)
+    if a.max_prompt_length < 1:
+        p.error(f"--max_prompt_length {a.max_prompt_length}: must be an integer >= 1")
 
     # cpu=True: on a CPU machine Accelerator forms no process group under a multi-process launch otherwise
     acc = Accelerator(cpu=not torch.cuda.is_available())
     out = Path(a.output_dir or Path(a.model_path) / ("eval_general" if a.benchmark else "eval_seed_bench_r1"))
+    claim_output_dir(out)  # held till the process ends: a second evaluation into out/ stops here
     pred_path = out / "predictions.jsonl"
     vision = (VisionSpec(**toy.TOY_VISION) if a.toy else
               VisionSpec(video_fps=a.fps, video_max_frames=max_frames(a.max_frames, a.benchmark)))
+    # before any model: every row of the annotation files checked, the prompts' length bounded
+    root = Path(a.data_root)
+    files = ({b: root / "Evaluation" / f"eval_{b}.json" for b in a.benchmark} if a.benchmark else
+             {lv: root / "annotations" / f"validation_{lv}.jsonl" for lv in a.levels})
+    selection = {name: sorted(load_examples(f, root), key=id_order)[:a.max_samples] for name, f in files.items()}
+    check_prompt_lengths([e for exs in selection.values() for e in exs], load_eval_processor(a.model_path),
+                         a.max_prompt_length)
     model, processor = load_eval_model(a.model_path, acc.device)
     judge = None if a.benchmark else make_judge(*(load_eval_model(a.judge_model, acc.device) if a.judge_model
                                                   else (model, processor)))
-    collator = Collator(processor, vision)
+    collator = Collator(processor, vision, a.max_prompt_length)
     pad = model.generation_config.pad_token_id or processor.tokenizer.pad_token_id
     gen_configs = {name: GenerationConfig(**decoding(name, a.max_new_tokens, a.video_r1_mmvu), repetition_penalty=1.0,
                                           eos_token_id=end_ids(processor), pad_token_id=pad)  # training's EOS rule
                    for name in (a.benchmark or a.levels)}
     torch.manual_seed(acc.process_index)  # sampled MMVU (--video_r1_mmvu): the same command samples the same
 
-    root = Path(a.data_root)
-    files = ({b: root / "Evaluation" / f"eval_{b}.json" for b in a.benchmark} if a.benchmark else
-             {lv: root / "annotations" / f"validation_{lv}.jsonl" for lv in a.levels})
-    selection = {name: sorted(load_examples(f, root), key=id_order)[:a.max_samples] for name, f in files.items()}
     done = {key(r["level"], r) for r in read_predictions(pred_path) if not r["skipped"]}  # bad media: retried
     acc.wait_for_everyone()  # everyone has read the file before rank 0 rewrites it
     if acc.is_main_process:  # drop a line cut by an interruption, so appends start on a fresh line

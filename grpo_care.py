@@ -30,7 +30,7 @@ from transformers import AutoProcessor, get_cosine_schedule_with_warmup
 
 import rollout
 import toy
-from data import Collator, check_media_dirs, load_examples, step_examples
+from data import Collator, check_media_dirs, check_prompt_lengths, load_examples, step_examples
 import budgets
 import checkpoints
 import logs
@@ -227,18 +227,19 @@ def accumulate_policy_gradients(policy, rollouts: list, advantages, old_logps, r
 def policy_update(policy, optimizer, rollouts: list, advantages, ref_logps, num_iterations: int, clip_eps: float,
                   beta: float, max_grad_norm: float, chunk: int) -> dict:
     """`num_iterations` clipped policy-gradient steps on one rollout. Returns the per-prompt sums of the loss and
-    clip fraction (each averaged over the iterations), the last grad norm and the non-finite iterations."""
+    clip fraction (each averaged over the iterations), the last grad norm and, per iteration, whether it stepped
+    (False: skipped as non-finite)."""
     policy.train()
     old = None
     if num_iterations > 1:  # the sampling policy's log-probs, with the generation's vision features
         with torch.no_grad():
             old = [rollout.completion_logprobs(policy, ro, ro.mm, chunk_size=chunk) for ro in rollouts]
-    out = dict(loss=0.0, clip_frac=0.0, grad_norm=0.0, nonfinite=0)
+    out = dict(loss=0.0, clip_frac=0.0, grad_norm=0.0, stepped=[])
     for _ in range(num_iterations):
         loss, clip = accumulate_policy_gradients(policy, rollouts, advantages, old, ref_logps, clip_eps, beta, chunk)
         out["grad_norm"], stepped = optimizer_step(policy, optimizer, max_grad_norm, loss)
         out["loss"], out["clip_frac"] = out["loss"] + loss / num_iterations, out["clip_frac"] + clip / num_iterations
-        out["nonfinite"] += not stepped
+        out["stepped"].append(stepped)
     return out
 
 
@@ -257,11 +258,11 @@ def main(argv: list[str] | None = None):
     cfg = parse_config(argv)
     device = setup_distributed().device
     rank, world, G = dist.get_rank(), dist.get_world_size(), cfg.num_generations
+    out = Path(cfg.output_dir)
+    checkpoints.claim_output_dir(out)  # held till the process ends: a second run into out/ stops here
     set_device_defaults(cfg, device)  # bf16, gradient checkpointing, attention kernel: where the flags left them unset
     if not cfg.model_path:
         use_toy_world(cfg)  # builds it (rank 0, cached) and points --model_path and --data_root at it
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
 
     # --- before any model is loaded: every annotation row, the output dir and the resume point checked ---
@@ -270,16 +271,17 @@ def main(argv: list[str] | None = None):
     check_media_dirs(all_examples, train_path)
     steps_per_epoch, total_steps = plan_steps(len(all_examples), cfg.prompts_per_device, world, cfg.num_epochs,
                                               cfg.max_steps, train_path)
-    ckpt, saved = checkpoints.open_run_dir(out, cfg, total_steps)  # a collective
+    ckpt, saved = checkpoints.open_run_dir(out, cfg, total_steps)  # a collective: checkpoints verified
+    processor = AutoProcessor.from_pretrained(cfg.model_path)  # its tokenizer decodes and finds answer spans
+    check_prompt_lengths(all_examples, processor, cfg.max_prompt_length)  # a 5 MB question: refused here
 
     # --- models: the policy, and the EMA reference (CARE) or a frozen one (beta > 0) ---
     memory.print_plan(cfg, device)  # on a GPU: the per-GPU memory plan, and a warning if it does not fit
-    processor = AutoProcessor.from_pretrained(cfg.model_path)  # its tokenizer decodes and finds answer spans
     policy = load_model(cfg.model_path, cfg, device, trainable=True)
     ref = load_model(cfg.model_path, cfg, device, trainable=False).eval() if (cfg.use_care or cfg.beta > 0) else None
 
     # --- data: a fixed order per epoch; step s takes prompts [s*B, (s+1)*B) of it, this rank every world-th ---
-    collate = Collator(processor, cfg.vision_spec())
+    collate = Collator(processor, cfg.vision_spec(), cfg.max_prompt_length)
     prompts_for = step_examples(  # options reshuffled per epoch, order seeded per epoch
         lambda epoch: load_examples(train_path, cfg.data_root, cfg.seed, epoch, cfg.shuffle_options),
         cfg.seed, cfg.prompts_per_device * world, steps_per_epoch, rank, world)
@@ -291,7 +293,7 @@ def main(argv: list[str] | None = None):
     rank0_print(f"GRPO-CARE: {total_steps} steps, {world} process(es) x {cfg.prompts_per_device} prompt(s) x G={G}, "
                 f"care={cfg.use_care}, device={device}")
     counters = saved.get("counters", {})  # carried through resume, like the weights
-    skips, nonfinite_steps = budgets.SkipLog(**counters.get("skips", {})), counters.get("nonfinite_steps", 0)
+    skips, updates = budgets.SkipLog(**counters.get("skips", {})), budgets.UpdateLog(**counters.get("updates", {}))
     writer = logs.tensorboard_writer(out, cfg.report_to == "tensorboard")
 
     for step in (bar := tqdm(range(start, total_steps), initial=start, total=total_steps, disable=rank != 0,
@@ -327,8 +329,8 @@ def main(argv: list[str] | None = None):
         update = policy_update(policy, optimizer, rollouts, advantages, ref_logps if cfg.beta > 0 else None,
                                cfg.num_iterations, cfg.clip_eps, cfg.beta, cfg.max_grad_norm, cfg.logprob_chunk)
         scheduler.step()
-        nonfinite_steps += update["nonfinite"]
-        if update["nonfinite"]:  # every rank sees the same all-reduced norm, so all skip together
+        updates.add(step + 1, update["stepped"])
+        if not all(update["stepped"]):  # every rank sees the same all-reduced norm, so all skip together
             rank0_print(f"step {step + 1}: non-finite loss or gradient norm ({update['grad_norm']}), update skipped")
 
         # --- EMA: the reference moves toward the policy every ref_ema_every steps ---
@@ -346,7 +348,7 @@ def main(argv: list[str] | None = None):
                                      t_generation=t_gen, t_reference=t_ref, t_update=t_upd), device)
         sums |= all_reduce_named(dict(completion_len_max=lengths.max() if rollouts else 0), device, dist.ReduceOp.MAX)
         metrics = step_metrics(sums, world, step + 1, update["grad_norm"], scheduler.get_last_lr()[0], skips.skipped,
-                               nonfinite_steps)
+                               updates.skipped)
         records = completion_records(step + 1, examples, rollouts, dict(
             accuracy=acc, format=fmt, confidence=conf, bonus=bonus, reward=rewards, advantage=advantages)) \
             if cfg.log_completions else None
@@ -354,13 +356,15 @@ def main(argv: list[str] | None = None):
         bar.set_postfix(reward=f"{metrics['reward_mean']:.2f}", acc=f"{metrics['accuracy']:.2f}",
                         bonus=f"{metrics['bonus_mean']:.2f}")
 
-        # --- checkpoint (a collective) ---
+        # --- checkpoint (a collective), unless too many updates were skipped: the weights have diverged ---
+        budgets.check_updates(updates, cfg.max_nonfinite_streak, cfg.max_nonfinite_frac,
+                              lambda first_bad: checkpoints.last_checkpoint_before(out, first_bad))
         if (step + 1) % cfg.save_steps == 0 or step + 1 == total_steps:
-            with checkpoints.disk_full_is_an_error(out / f"checkpoint-{step + 1}"):
-                checkpoints.save_checkpoint(out, step + 1, policy, ref, optimizer, scheduler, processor, cfg,
-                                            counters=dict(skips=asdict(skips), nonfinite_steps=nonfinite_steps))
+            checkpoints.save_checkpoint(out, step + 1, policy, ref, optimizer, scheduler, processor, cfg,
+                                        counters=dict(skips=asdict(skips), updates=asdict(updates)))
 
     rank0_print(skips.summary())
+    rank0_print(updates.summary())
     if rank == 0 and (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").stat().st_size:
         logs.plot_metrics(out / "metrics.jsonl", out / "curves.png")
         rank0_print(f"done: {out}/checkpoint-{total_steps}, metrics in {out}/metrics.jsonl, curves in {out}/curves.png")

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from config import RunAborted, is_disk_full
+
 
 def tensorboard_writer(out: Path, wanted: bool):
     """Rank 0's SummaryWriter in out/tensorboard when `wanted` (--report_to tensorboard), else None."""
@@ -24,15 +26,26 @@ def write_logs(out: Path, metrics: dict, completions: list[dict] | None, writer=
     gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     if completions is not None:
         dist.gather_object(completions, gathered, dst=0)
-    if dist.get_rank() != 0:
-        return
-    with open(out / "metrics.jsonl", "a") as fh:
-        fh.write(json.dumps(metrics) + "\n")
-    if completions is not None:
-        with open(out / "completions.jsonl", "a") as fh:
-            fh.writelines(json.dumps(c) + "\n" for per_rank in gathered for c in per_rank)
-    for k, v in metrics.items() if writer is not None else ():
-        writer.add_scalar(k, v, metrics["step"])
+    error = [None]
+    if dist.get_rank() == 0:
+        lines = {"metrics.jsonl": [metrics]} | ({} if completions is None else
+                                               {"completions.jsonl": [c for per_rank in gathered for c in per_rank]})
+        for name, rows in lines.items():
+            try:
+                with open(out / name, "a") as fh:
+                    fh.writelines(json.dumps(r) + "\n" for r in rows)
+            except OSError as e:
+                if not is_disk_full(e):
+                    raise
+                error = [f"{out / name}: no space left on device while logging step {metrics['step']} (the "
+                         "checkpoints are intact; a line cut here is dropped on resume); free space, then resume "
+                         "with --resume_from_checkpoint latest"]
+                break
+        for k, v in metrics.items() if writer is not None else ():
+            writer.add_scalar(k, v, metrics["step"])
+    dist.broadcast_object_list(error, src=0)  # every rank stops together, none waits in a collective
+    if error[0]:
+        raise RunAborted(error[0])
 
 
 def plot_metrics(metrics_file: Path, png: Path) -> None:

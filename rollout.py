@@ -289,7 +289,7 @@ def completion_logprobs(model, rollout: Rollout, mm: dict, chunk_size: int = 512
     assert not torch.isin(rollout.completion_ids, torch.tensor(placeholders, device=rollout.completion_ids.device)).any(), \
         "a completion holds an image/video placeholder token: sample with generate_group, which suppresses them"
     inputs = select_prompts(model, rollout.batch, mm, rollout.prompt_index.tolist())
-    P, T = inputs["input_ids"].shape[1], rollout.completion_ids.shape[1]
+    T = rollout.completion_ids.shape[1]
     ids = torch.cat([inputs.pop("input_ids"), rollout.completion_ids], 1)  # (N, P+T)
     attention = torch.cat([inputs.pop("attention_mask"), rollout.completion_mask.to(ids.dtype)], 1)  # (N, P+T)
     types = F.pad(inputs.pop("mm_token_type_ids"), (0, T))  # (N, P+T) completion tokens are text

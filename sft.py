@@ -26,8 +26,10 @@ from tqdm import tqdm
 from transformers import AutoProcessor, get_cosine_schedule_with_warmup
 
 import toy
-from data import LETTERS, Collator, DataError, check_media_dirs, load_examples, read_located_rows, step_examples
-from checkpoints import open_run_dir
+from data import (LETTERS, Collator, DataError, check_media_dirs, check_prompt_lengths, load_examples, read_located_rows,
+                  step_examples)
+from budgets import UpdateLog, check_updates
+from checkpoints import claim_output_dir, open_run_dir
 from config import (RunAborted, RunConfig, int_ge, parse_run_config, plan_steps, redefault, run_cli, set_device_defaults,
                     setting, use_toy_world)
 from distributed import all_reduce_named, load_model, optimizer_step, rank0_print, setup_distributed
@@ -105,11 +107,11 @@ def main(argv: list[str] | None = None):
     cfg = parse_config(argv)
     device = setup_distributed().device
     rank, world = dist.get_rank(), dist.get_world_size()
+    out = Path(cfg.output_dir)
+    claim_output_dir(out)  # held till the process ends: a second run into out/ stops here
     set_device_defaults(cfg, device)  # bf16, gradient checkpointing, attention kernel: where the flags left them unset
     if not cfg.model_path:
         use_toy_world(cfg)  # builds it (rank 0, cached) and points --model_path and --data_root at it
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
 
     # before any model is loaded: every row checked, the output dir
@@ -121,9 +123,11 @@ def main(argv: list[str] | None = None):
 
     processor = AutoProcessor.from_pretrained(cfg.model_path)
     tok = processor.tokenizer
+    check_prompt_lengths(load_examples(train_path, cfg.data_root), processor, cfg.max_prompt_length)
     model = load_model(cfg.model_path, cfg, device, trainable=True)
     model.train()
-    collate = Collator(processor, cfg.vision_spec())
+    collate = Collator(processor, cfg.vision_spec(), cfg.max_prompt_length)
+    updates = UpdateLog()
 
     def load_epoch(epoch: int) -> list[dict]:  # grpo_care's options and order: independent of the process count
         exs = load_examples(train_path, cfg.data_root, cfg.seed, epoch, cfg.shuffle_options)
@@ -147,8 +151,10 @@ def main(argv: list[str] | None = None):
         targets = [tok(sft_response(ex) + tok.eos_token, add_special_tokens=False).input_ids for ex in kept]
         loss = sft_loss(model, batch.to(device), targets, tok.pad_token_id, cfg.logprob_chunk)
         (loss * weight).backward()
-        grad_norm, _ = optimizer_step(model, optimizer, cfg.max_grad_norm, loss.item())  # no step if not finite
+        grad_norm, stepped = optimizer_step(model, optimizer, cfg.max_grad_norm, loss.item())  # no step if not finite
         scheduler.step()
+        updates.add(step + 1, [stepped])
+        check_updates(updates, cfg.max_nonfinite_streak, cfg.max_nonfinite_frac, lambda _: None)  # no checkpoints
         s = all_reduce_named(dict(loss=loss.item() * weight, weight=weight), device)  # the rows' mean over processes
         m = dict(step=step + 1, loss=s["loss"] / max(s["weight"], 1.0), grad_norm=grad_norm,
                  lr=scheduler.get_last_lr()[0], skipped=collate.skipped)
@@ -159,7 +165,8 @@ def main(argv: list[str] | None = None):
     if rank == 0:
         model.save_pretrained(out, state_dict=full)  # loadable by plain transformers
         processor.save_pretrained(out)
-        rank0_print(f"skipped {collate.skipped} unreadable sample(s) and {keep.count(False)} row(s) without reasoning")
+        rank0_print(f"skipped {collate.skipped} unreadable sample(s) and {keep.count(False)} row(s) without reasoning; "
+                    f"{updates.summary()}")
         rank0_print(f"done: {out} (loss {m['loss']:.3f}), metrics in {out / 'metrics.jsonl'}")
     dist.barrier()
     dist.destroy_process_group()

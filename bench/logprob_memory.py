@@ -152,7 +152,8 @@ def main():
             out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
             assert out.returncode == 0, f"{variant} failed:\n{out.stderr[-3000:]}"
             res[variant] = json.loads(out.stdout.strip().splitlines()[-1])
-        diff = (torch.load(world / "naive.pt") - torch.load(world / "ours.pt")).abs().max().item()
+        naive_t, ours_t = (torch.load(world / f"{v}.pt", weights_only=True) for v in ("naive", "ours"))
+        diff = (naive_t - ours_t).abs().max().item()
     naive, ours, grad, vis = res["naive"], res["ours"], res["ours_grad"], res["vision"]
     print(f"vocab {VOCAB}, hidden 64, G={args.G}, prompt {naive['prompt_tokens']} tokens, "
           f"completion {args.completion} tokens, chunk_size {args.chunk_size}, {torch.get_num_threads()} threads")

@@ -345,3 +345,24 @@ def test_a_level_mixing_int_and_string_ids_is_evaluated(toy_world, tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "out/predictions.jsonl").read_text().splitlines()]
     assert sorted(r["id"] for r in lines) == ints[:2], "--max_samples takes the first ids: integers first"
     assert results["levels"]["L3"]["n"] + results["levels"]["L3"]["skipped"] == 2
+
+
+@pytest.mark.parametrize("change, flags, message", [
+    # before: the model and the judge were loaded first, and two rows with one id counted once
+    (lambda rows: rows.__setitem__(2, dict(rows[2], sample_id=rows[0]["sample_id"])), [],
+     r"validation_L2\.jsonl:3: sample_id: .* is also the id of the row at .*validation_L2\.jsonl:1$"),
+    (lambda rows: rows.__setitem__(1, dict(rows[1], question="wash the red cup " * 100)), ["--max_prompt_length", "300"],
+     r"validation_L2\.jsonl:2: question: the prompt is \d+ tokens, more than --max_prompt_length 300"),
+])
+def test_annotation_files_are_checked_before_any_model(toy_world, tmp_path, monkeypatch, change, flags, message):
+    def refuse(*a, **k):
+        raise AssertionError("a model was loaded before the annotation files were checked")
+
+    monkeypatch.setattr(ev, "load_eval_model", refuse)
+    data = tmp_path / "data"
+    (data / "annotations").mkdir(parents=True)
+    rows = [json.loads(x) for x in (toy_world / "data/annotations/validation_L2.jsonl").read_text().splitlines()]
+    change(rows)
+    (data / "annotations/validation_L2.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ev.DataError, match=message):
+        ev.main(_args(toy_world, data, tmp_path / "out") + ["--levels", "L2", *flags])

@@ -94,16 +94,16 @@ def test_ids_vocabulary_and_files_are_the_7bs(qwen_model_dir, qwen_model):
     assert len(loaded) == len(disk)
     for k, v in loaded.items():
         assert torch.equal(v, disk[published_name(k)].float()), k
-
-
-def published_name(key: str) -> str:
-    """A state-dict key as transformers 5 names it -> as the published 7B's shards (and save_pretrained) do."""
-    return key.replace("model.language_model.", "model.").replace("model.visual.", "visual.")
     # the 7B's preprocessor_config.json: min_pixels 3136, max_pixels 12845056, CLIP mean and std
     for p in (processor.image_processor, processor.video_processor):
         assert (p.size["shortest_edge"], p.size["longest_edge"]) == (3136, 12845056)
         assert (p.patch_size, p.merge_size, p.temporal_patch_size) == (14, 2, 2)
         assert p.image_mean == [0.48145466, 0.4578275, 0.40821073]
+
+
+def published_name(key: str) -> str:
+    """A state-dict key as transformers 5 names it -> as the published 7B's shards (and save_pretrained) do."""
+    return key.replace("model.language_model.", "model.").replace("model.visual.", "visual.")
 
 
 # Each completion as the 7B's tokenizer writes it, and the tokens of its confidence span; `graded` is what

@@ -1,7 +1,6 @@
 """The foundation: the toy Qwen2.5-VL round-trips through plain transformers, and data.py reads
 SEED-Bench-R1 rows (the toy's, which share the real layout) into the reference prompt."""
 import json
-import shutil
 
 import pytest
 import torch
@@ -209,6 +208,19 @@ def test_a_validation_file_is_checked_as_validation_rows(tmp_path, change, messa
     (dict(video_basename=""), r"video_basename: expected a non-empty string"),  # the row has a video
     (dict(question=""), r"question: expected a non-empty string"),
     (dict(task_progress_metadata=None), r"task_progress_metadata: missing field"),
+    # before: accepted, and the prompt showed two identical options of which one was scored wrong
+    (dict(negative_answers=["dry the blue cup", "dry the red cup", "dry the green cup"]),
+     r"negative_answers: item 1 'dry the red cup' is the answer \(sample_id=7\)"),
+    (dict(negative_answers=["dry the blue cup", "dry the green cup", "dry the red cup "]), r"negative_answers: item 2 .* is the answer"),
+    # before: an option "B. " in the prompt
+    (dict(negative_answers=["dry the blue cup", "", "dry the green cup"]), r"negative_answers: item 1 is empty"),
+    (dict(negative_answers=["dry the blue cup", "dry the green cup", "  "]), r"negative_answers: item 2 is empty"),
+    # before: read and trained on, files outside --data_root
+    (dict(video_basename="/etc/v7.mp4"), r"video_basename: '/etc/v7.mp4' leads outside --data_root"),
+    (dict(video_basename="../../../v7.mp4"), r"video_basename: '\.\./\.\./\.\./v7\.mp4' leads outside --data_root"),
+    (dict(current_observation_basename="a/../../../../v7.png"), r"current_observation_basename: .* leads outside"),
+    (dict(video_source="../.."), r"video_source: '\.\./\.\.' leads outside --data_root"),
+    (dict(video_source="/data"), r"video_source: '/data' leads outside --data_root"),
 ])
 def test_bad_training_rows_name_line_and_field(tmp_path, change, message):
     bad = {k: v for k, v in {**TRAIN_ROW, **change}.items() if v is not None}
@@ -240,3 +252,67 @@ def test_a_bad_image_is_reported_under_its_own_path(toy_world, toy_model, toy_vi
     (_, p0, r0), (_, p1, r1) = collate.failures
     assert p0.endswith("empty.png") and r0 == "empty file (0 bytes)"
     assert p1.endswith("garbage.png") and r1.startswith("cannot decode"), (p1, r1)
+
+
+def test_media_paths_inside_data_root_stay_allowed(tmp_path):
+    # '..' that stays below --data_root, subfolders, and a symlinked videos/ folder (common on clusters):
+    # the path is judged by its text, so the link's target may lie anywhere
+    (tmp_path / "elsewhere/EpicKitchens").mkdir(parents=True)
+    (tmp_path / "root/images/EpicKitchens").mkdir(parents=True)
+    (tmp_path / "root/videos").symlink_to(tmp_path / "elsewhere")
+    rows = [dict(TRAIN_ROW), dict(TRAIN_ROW, sample_id=8, video_basename="../../images/EpicKitchens/v7.mp4"),
+            dict(TRAIN_ROW, sample_id=9, current_observation_basename="sub/dir/v9.png")]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    a, b, c = load_examples(tmp_path / "t.jsonl", tmp_path / "root")
+    assert a["video"] == f"{tmp_path}/root/videos/EpicKitchens/v7.mp4"
+    assert b["video"] == f"{tmp_path}/root/videos/EpicKitchens/../../images/EpicKitchens/v7.mp4"
+    assert c["image"] == f"{tmp_path}/root/images/EpicKitchens/sub/dir/v9.png"
+    data.check_media_dirs([a], "t.jsonl")  # videos/EpicKitchens exists through the link
+
+
+@pytest.mark.parametrize("name, second, message", [
+    # before: both rows were read; their seeds and completions.jsonl keys collided
+    ("training_6k.jsonl", 7, r"training_6k\.jsonl:3: sample_id: 7 is also the id of the row at .*training_6k\.jsonl:1$"),
+    # before: evaluation kept one record per id, so two rows counted once; 7 and "7" are one key there
+    ("validation_L1.jsonl", "7", r"validation_L1\.jsonl:3: sample_id: '7' is also the id of the row at .*:1$"),
+])
+def test_duplicate_sample_ids_are_refused(tmp_path, name, second, message):
+    row = VAL_ROW if name.startswith("validation") else TRAIN_ROW
+    rows = [row, dict(row, sample_id=8), dict(row, sample_id=second)]
+    (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=message):
+        load_examples(tmp_path / name, tmp_path)
+
+
+def test_a_huge_question_is_refused_by_its_token_count_before_any_model(toy_world, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(toy_world / "model")
+    rows = [TRAIN_ROW, dict(TRAIN_ROW, sample_id=8, question="wash the red cup " * 300_000)]  # 5 MB, judged by its head
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    examples = load_examples(tmp_path / "t.jsonl", tmp_path)
+    # before: no bound; the run reached the model and tried to allocate ~1 TB for its attention
+    with pytest.raises(DataError, match=r"t\.jsonl:2: question: the prompt is over \d+ tokens \(its first 262\d\d\d "
+                                        r"characters alone are \d+\), more than --max_prompt_length 16384 \(sample 8\)$"):
+        data.check_prompt_lengths(examples, tok, 16384)
+    n = len(tok(examples[0]["prompt"], add_special_tokens=False).input_ids)
+    data.check_prompt_lengths(examples[:1], tok, n)  # exactly at the bound: fits
+    # the four options' text is longer than "What next?": the options are named
+    with pytest.raises(DataError, match=rf"t\.jsonl:1: options: the prompt is {n} tokens, more than --max_prompt_length {n - 1} "):
+        data.check_prompt_lengths(examples[:1], tok, n - 1)
+
+
+def test_a_prompt_too_long_with_its_media_is_skipped_and_named(toy_world, toy_model, toy_vision):
+    _, processor = toy_model
+    examples = [e for e in load_examples(toy_world / "data/annotations/training_6k.jsonl", toy_world / "data")
+                if e["video"] is not None][:2]
+    long = dict(examples[0], prompt=examples[0]["prompt"] + " wash the red cup" * 40)
+    batch, _ = Collator(processor, toy_vision)([examples[1]])
+    n = int(batch["attention_mask"].sum())  # text and media tokens of the short prompt
+    collate = Collator(processor, toy_vision, max_prompt_length=n)
+    batch, kept = collate([long, examples[1]])
+    assert [e["id"] for e in kept] == [examples[1]["id"]] and batch["input_ids"].shape == (1, n)
+    ((sid, where, reason),) = collate.failures
+    assert sid == long["id"] and where == long["where"] and where.endswith(f"training_6k.jsonl:{where.split(':')[-1]}")
+    assert reason.startswith("prompt too long (") and reason.endswith(f"more than --max_prompt_length {n})")
+    assert collate([long]) == (None, []) and collate.skipped == 2

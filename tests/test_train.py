@@ -50,12 +50,11 @@ def weights(ckpt):
 
 def ema_weights(ckpt):
     """The EMA reference from the torch.distributed.checkpoint shard files, as full tensors."""
-    from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     tmp = Path(ckpt) / "_full.pt"
     dcp_to_torch_save(Path(ckpt) / "train_state", tmp)
-    state = torch.load(tmp, weights_only=False)
+    state = torch.load(tmp, weights_only=True)
     tmp.unlink()
     return state.get("ref")
 

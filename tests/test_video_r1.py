@@ -62,6 +62,12 @@ def test_seed_bench_r1_rows_stay_multiple_choice(toy_world):
     (dict(data_type="audio"), r"data_type: 'audio' is neither"),
     (dict(options=[]), r"options: a multiple-choice row needs options"),
     (dict(path=None), r"path: missing field \(problem_id=1\)"),
+    # before: each character of the string became an option line
+    (dict(options="A. red B. blue"), r"options: expected a list of strings \('A. ...'\), got str 'A. red B. blue'"),
+    (dict(options=["A. red", 2]), r"options: expected a list of strings"),
+    # before: read and trained on, files outside --data_root
+    (dict(path="/etc/a.png"), r"path: '/etc/a.png' leads outside --data_root"),
+    (dict(path="./imgs/../../a.png"), r"path: '\./imgs/\.\./\.\./a\.png' leads outside --data_root"),
 ])
 def test_bad_video_r1_rows_name_the_problem(tmp_path, change, message):
     row = {k: v for k, v in {**ROWS[0], **change}.items() if v is not None}
