@@ -28,7 +28,7 @@ for seed in $seeds; do
       --seed "$seed" ${arm_args[$arm]} "$@"
     final=$(ls -d "$run"/checkpoint-* | sort -t- -k2 -n | tail -1)
     .venv/bin/python evaluate.py --model_path "$final" --data_root "$toy/data" --toy --max_new_tokens 96 \
-      --output_dir "$run/eval"
+      --judge_protocol picks --output_dir "$run/eval"  # RESULTS.md: the option-picking judge
   done
 done
 .venv/bin/python - "$out" "$seeds" "bench/care_vs_grpo.sh $*" "$start" <<'PY'
@@ -72,7 +72,7 @@ text = (f"# CARE vs GRPO on the toy world\n\nCommand: `{command}` (the warm star
         f"absent); {time.time() - start:.0f} s for the runs not already done.\n"
         f"Mean ± sample standard deviation over seeds. Per seed: {per_seed}.\n\n"
         "Rule consistency: the answer is the option the toy reasoning names (exact). Judge consistency: the\n"
-        "evaluated model, given its own reasoning, picks the same letter (evaluate.py's default judge; the toy\n"
+        "evaluated model, given its own reasoning, picks the same letter (evaluate.py --judge_protocol picks; the toy\n"
         "model never saw the judge prompt, so this row measures the judge more than the reasoning).\n"
         f"Orange rows ({n_orange} of L1's 200): the teacher reads orange as red there, and answers red (misread) or, "
         "right for the\nwrong reason, orange (lucky); reasoning right = it names the gold option.\n\n"
