@@ -97,7 +97,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTex
 
 import toy
 from data import BENCHMARKS, LETTERS, Collator, VisionSpec, load_examples
-from infra import run_cli
+from config import run_cli
 from judge import PROMPTS, PROTOCOLS, api_judge, check_judge_flags, judge_records, local_judge
 from rewards import format_reward, parse_answer, score_answer, to_number
 

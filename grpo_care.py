@@ -10,7 +10,7 @@ group-relative advantages and takes `num_iterations` clipped policy-gradient ste
 steps the EMA reference moves toward the policy. Each step appends a line to metrics.jsonl and, per
 sample, one to completions.jsonl (text, rewards, confidence, bonus, advantage: what the update used).
 The machinery (FSDP2 loading, checkpoints and exact resume, run-dir and flag checks, the skip budget) is
-infra.py; the same code runs for 1 process and N.
+in distributed.py, checkpoints.py, config.py, budgets.py and logs.py; the same code runs for 1 process and N.
 
 Departures from the paper / reference code (TencentARC/GRPO-CARE), and why:
 - The EMA reference is held in fp32 (the reference lerps in bf16, where small updates vanish).
@@ -35,7 +35,7 @@ import math
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -47,10 +47,12 @@ from transformers import AutoProcessor, get_cosine_schedule_with_warmup
 import rollout
 import toy
 from data import Collator, check_media_dirs, load_examples, step_examples
-from infra import (INT_GE, NONNEG, POSITIVE, RUN_RULES, RunConfig, SkipLog, all_reduce_named, between,
-                   disk_full_is_an_error, load_checkpoint, load_model, open_run_dir, optimizer_step, parse_run_config,
-                   plan_steps, plot_metrics, rank0_print, readable_prompts, resolve_run, run_cli, save_checkpoint,
-                   setup_distributed, tensorboard_writer, write_logs)
+import budgets
+import checkpoints
+import logs
+from config import (NONNEG, POSITIVE, RunConfig, between, int_ge, parse_run_config, plan_steps, run_cli,
+                    set_device_defaults, setting, use_toy_world)
+from distributed import all_reduce_named, load_model, optimizer_step, rank0_print, setup_distributed
 from rewards import (accuracy_reward, answer_confidence, bonus_selective, consistency_bonus, format_reward,
                      group_advantages, total_reward)
 
@@ -108,7 +110,7 @@ def ema_update_(ema_params, params, decay):
 
 def group_sums(accuracy, format_, confidence, bonus, rewards, lengths, truncated) -> dict[str, float]:
     """One process's groups as named sums; every argument `(B, G)`, `confidence` and `bonus` None without CARE
-    (zeros). Summed over the processes (infra.all_reduce_named), step_metrics turns them into metrics."""
+    (zeros). Summed over the processes (distributed.all_reduce_named), step_metrics turns them into metrics."""
     confidence, bonus = [torch.zeros_like(accuracy) if t is None else t for t in (confidence, bonus)]
     selective, eligible = bonus_selective(accuracy, bonus)  # (B,) each
     sums = dict(samples=accuracy.numel(), groups=accuracy.shape[0], reward=rewards.sum(),
@@ -143,47 +145,38 @@ def step_metrics(s: dict[str, float], world: int, step: int, grad_norm: float, l
 
 
 @dataclass
-class Config(RunConfig):  # the model, data, optimizer, media and system fields: infra.RunConfig
+class Config(RunConfig):  # the model, data, optimizer, media and system settings: config.RunConfig
     # rollouts
-    num_generations: int = field(default=8, metadata={"help": "G, samples per prompt"})
-    max_new_tokens: int = field(default=768, metadata={"help": "completion budget"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
-    top_p: float = field(default=0.95, metadata={"help": "nucleus sampling"})
-    logprob_chunk: int = field(default=256, metadata={"help": "completion tokens per LM-head chunk"})
+    num_generations: int = setting(8, "G, samples per prompt",
+                                   ("an integer >= 2 (a group of 1 has no relative advantage)", lambda v: v >= 2))
+    max_new_tokens: int = setting(768, "completion budget", int_ge(1))
+    temperature: float = setting(1.0, "sampling temperature", POSITIVE)
+    top_p: float = setting(0.95, "nucleus sampling", between(0, 1, lo_open=True))
+    logprob_chunk: int = setting(256, "completion tokens per LM-head chunk", int_ge(1))
     # the update (learning rate, weight decay, clipping: RunConfig)
-    num_iterations: int = field(default=1, metadata={"help": "mu, updates per rollout (1 = the reference)"})
-    clip_eps: float = field(default=0.2, metadata={"help": "PPO clip range (inactive when mu = 1)"})
-    beta: float = field(default=0.0, metadata={"help": "k3 KL weight to the reference (the reference: 0)"})
+    num_iterations: int = setting(1, "mu, updates per rollout (1 = the reference)", int_ge(1))
+    clip_eps: float = setting(0.2, "PPO clip range (inactive when mu = 1)", POSITIVE)
+    beta: float = setting(0.0, "k3 KL weight to the reference (the reference: 0)", NONNEG)
     # CARE
-    use_care: bool = field(default=True, metadata={"help": "consistency bonus from the EMA reference; false = GRPO"})
-    bonus_coefficient: float = field(default=0.5, metadata={"help": "bonus = coef * accuracy"})
-    confidence_upper_bound: float = field(default=0.95, metadata={"help": "cap on the reference's answer confidence"})
-    consistency_margin: float = field(default=0.0, metadata={"help": "confident = conf >= level - margin"})
-    ref_ema_decay: float = field(default=0.995, metadata={"help": "EMA decay of the reference"})
-    ref_ema_every: int = field(default=10, metadata={"help": "steps between EMA updates"})
+    use_care: bool = setting(True, "consistency bonus from the EMA reference; false = GRPO")
+    bonus_coefficient: float = setting(0.5, "bonus = coef * accuracy", NONNEG)
+    confidence_upper_bound: float = setting(0.95, "cap on the reference's answer confidence",
+                                            between(0, 1, lo_open=True))
+    consistency_margin: float = setting(0.0, "confident = conf >= level - margin", between(0, 1))
+    ref_ema_decay: float = setting(0.995, "EMA decay of the reference", between(0, 1))
+    ref_ema_every: int = setting(10, "steps between EMA updates", int_ge(1))
     # the run
-    save_steps: int = field(default=500, metadata={"help": "checkpoint every N steps (and at the end)"})
-    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "checkpoint dir, or 'latest'"})
-    max_skip_frac: float = field(default=0.5, metadata={"help": "abort past this unreadable fraction (1: never)"})
-    report_to: str = field(default="none", metadata={"help": "'tensorboard' to also write event files"})
-    log_completions: bool = field(default=True, metadata={"help": "every sample and its rewards to completions.jsonl"})
-
-
-CONFIG_RULES = {  # flag -> (allowed values, test), checked before any model is loaded
-    **RUN_RULES,
-    "num_generations": ("an integer >= 2 (a group of 1 has no relative advantage)", lambda v: v >= 2),
-    "max_new_tokens": INT_GE(1), "temperature": POSITIVE, "top_p": between(0, 1, lo_open=True),
-    "logprob_chunk": INT_GE(1), "num_iterations": INT_GE(1), "clip_eps": POSITIVE, "beta": NONNEG,
-    "bonus_coefficient": NONNEG, "confidence_upper_bound": between(0, 1, lo_open=True),
-    "consistency_margin": between(0, 1), "ref_ema_decay": between(0, 1), "ref_ema_every": INT_GE(1),
-    "save_steps": INT_GE(1), "max_skip_frac": between(0, 1),
-    "report_to": ("none or tensorboard", lambda v: v in ("none", "tensorboard")),
-}
+    save_steps: int = setting(500, "checkpoint every N steps (and at the end)", int_ge(1))
+    resume_from_checkpoint: str | None = setting(None, "checkpoint dir, or 'latest'")
+    max_skip_frac: float = setting(0.5, "abort past this unreadable fraction (1: never)", between(0, 1))
+    report_to: str = setting("none", "'tensorboard' to also write event files",
+                             ("none or tensorboard", lambda v: v in ("none", "tensorboard")))
+    log_completions: bool = setting(True, "every sample and its rewards to completions.jsonl")
 
 
 def parse_config(argv: list[str] | None = None) -> Config:
     """Config from `argv` (default sys.argv); --toy (the default without --model_path) applies toy.RL_DEFAULTS."""
-    return parse_run_config(Config, sys.argv[1:] if argv is None else argv, toy.RL_DEFAULTS, CONFIG_RULES)
+    return parse_run_config(Config, sys.argv[1:] if argv is None else argv, toy.RL_DEFAULTS)
 
 
 # --- the phases of a step, each returning plain data ---
@@ -271,15 +264,20 @@ def main(argv: list[str] | None = None):
     cfg = parse_config(argv)
     device = setup_distributed().device
     rank, world, G = dist.get_rank(), dist.get_world_size(), cfg.num_generations
-    out = resolve_run(cfg, device)
+    set_device_defaults(cfg, device)  # bf16, gradient checkpointing, attention kernel: where the flags left them unset
+    if not cfg.model_path:
+        use_toy_world(cfg)  # builds it (rank 0, cached) and points --model_path and --data_root at it
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
 
     # --- before any model is loaded: every annotation row, the output dir and the resume point checked ---
     train_path = Path(cfg.data_root) / cfg.train_file
-    examples = load_examples(train_path, cfg.data_root)  # a malformed row: DataError naming file:line, field
-    check_media_dirs(examples, train_path)
-    steps_per_epoch, total_steps = plan_steps(len(examples), cfg.prompts_per_device, world, cfg.num_epochs,
+    all_examples = load_examples(train_path, cfg.data_root)  # a malformed row: DataError naming file:line, field
+    check_media_dirs(all_examples, train_path)
+    steps_per_epoch, total_steps = plan_steps(len(all_examples), cfg.prompts_per_device, world, cfg.num_epochs,
                                               cfg.max_steps, train_path)
-    ckpt, saved = open_run_dir(out, cfg, total_steps)
+    ckpt, saved = checkpoints.open_run_dir(out, cfg, total_steps)  # a collective
 
     # --- models: the policy, and the EMA reference (CARE) or a frozen one (beta > 0) ---
     processor = AutoProcessor.from_pretrained(cfg.model_path)  # its tokenizer decodes and finds answer spans
@@ -295,34 +293,35 @@ def main(argv: list[str] | None = None):
     # --- optimizer, schedule, resume ---
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
-    start = load_checkpoint(ckpt, policy, ref, optimizer, scheduler) if ckpt else 0
+    start = checkpoints.load_checkpoint(ckpt, policy, ref, optimizer, scheduler) if ckpt else 0
     rank0_print(f"GRPO-CARE: {total_steps} steps, {world} process(es) x {cfg.prompts_per_device} prompt(s) x G={G}, "
                 f"care={cfg.use_care}, device={device}")
     counters = saved.get("counters", {})  # carried through resume, like the weights
-    skips, nonfinite_steps = SkipLog(**counters.get("skips", {})), counters.get("nonfinite_steps", 0)
-    writer = tensorboard_writer(out, cfg.report_to == "tensorboard")
+    skips, nonfinite_steps = budgets.SkipLog(**counters.get("skips", {})), counters.get("nonfinite_steps", 0)
+    writer = logs.tensorboard_writer(out, cfg.report_to == "tensorboard")
 
     for step in (bar := tqdm(range(start, total_steps), initial=start, total=total_steps, disable=rank != 0,
                              desc="grpo-care")):
         # --- rollouts: G samples per prompt, all of this process's prompts in one generate call ---
         t0 = time.perf_counter()
         policy.eval()
-        exs, batches, skipped = readable_prompts(prompts_for(step), collate, skips, cfg.max_skip_frac,
-                                                 step + 1 == total_steps, device)
+        # a collective: unreadable samples counted over all ranks; every rank keeps as many prompts as the fewest
+        examples, batches, skipped = budgets.readable_prompts(prompts_for(step), collate, skips, cfg.max_skip_frac,
+                                                              step + 1 == total_steps, device)
         with torch.no_grad():  # each prompt's samples from its own seed
-            ros = rollout.generate_groups(policy, batches, G, processor, max_new_tokens=cfg.max_new_tokens,
-                                          temperature=cfg.temperature, top_p=cfg.top_p,
-                                          seeds=[sample_seed(cfg.seed, step, ex["id"]) for ex in exs])
+            rollouts = rollout.generate_groups(policy, batches, G, processor, max_new_tokens=cfg.max_new_tokens,
+                                               temperature=cfg.temperature, top_p=cfg.top_p,
+                                               seeds=[sample_seed(cfg.seed, step, ex["id"]) for ex in examples])
         t_gen, t0 = time.perf_counter() - t0, time.perf_counter()
 
         # --- rewards: accuracy + format ---
-        acc, fmt = base_rewards(ros, exs, G)  # (B, G) each
+        acc, fmt = base_rewards(rollouts, examples, G)  # (B, G) each
 
         # --- CARE bonus: accurate samples whose answer the EMA reference, given the reasoning, finds likely ---
-        ref_logps = reference_logprobs(ref, ros, cfg.logprob_chunk) if ref is not None else None  # B x (G, T)
+        ref_logps = reference_logprobs(ref, rollouts, cfg.logprob_chunk) if ref is not None else None  # B x (G, T)
         conf = bonus = None  # plain GRPO
         if cfg.use_care:
-            conf = answer_confidences(ros, ref_logps, processor, cfg.confidence_upper_bound, G)  # (B, G)
+            conf = answer_confidences(rollouts, ref_logps, processor, cfg.confidence_upper_bound, G)  # (B, G)
             bonus = consistency_bonus(acc, conf, cfg.bonus_coefficient, cfg.consistency_margin)  # (B, G)
 
         # --- advantages: each reward relative to its group ---
@@ -331,41 +330,45 @@ def main(argv: list[str] | None = None):
         t_ref, t0 = time.perf_counter() - t0, time.perf_counter()
 
         # --- update: mu clipped policy-gradient steps on this rollout ---
-        upd = policy_update(policy, optimizer, ros, advantages, ref_logps if cfg.beta > 0 else None,
-                            cfg.num_iterations, cfg.clip_eps, cfg.beta, cfg.max_grad_norm, cfg.logprob_chunk)
+        update = policy_update(policy, optimizer, rollouts, advantages, ref_logps if cfg.beta > 0 else None,
+                               cfg.num_iterations, cfg.clip_eps, cfg.beta, cfg.max_grad_norm, cfg.logprob_chunk)
         scheduler.step()
-        nonfinite_steps += upd["nonfinite"]
-        if upd["nonfinite"]:  # every rank sees the same all-reduced norm, so all skip together
-            rank0_print(f"step {step + 1}: non-finite loss or gradient norm ({upd['grad_norm']}), update skipped")
+        nonfinite_steps += update["nonfinite"]
+        if update["nonfinite"]:  # every rank sees the same all-reduced norm, so all skip together
+            rank0_print(f"step {step + 1}: non-finite loss or gradient norm ({update['grad_norm']}), update skipped")
 
         # --- EMA: the reference moves toward the policy every ref_ema_every steps ---
         if cfg.use_care and (step + 1) % cfg.ref_ema_every == 0:
             ema_update_(ref.parameters(), policy.parameters(), cfg.ref_ema_decay)
         t_upd = time.perf_counter() - t0
 
-        # --- log: named sums over all processes, one metrics.jsonl line per step ---
-        lengths = torch.stack([ro.completion_mask.sum(-1).float().cpu() for ro in ros]) if ros else torch.zeros(0, G)
-        truncated = torch.stack([ro.truncated.float().cpu() for ro in ros]) if ros else torch.zeros(0, G)  # (B, G)
-        sums = all_reduce_named(dict(group_sums(acc, fmt, conf, bonus, rewards, lengths, truncated), loss=upd["loss"],
-                                     clip_frac=upd["clip_frac"], vision_calls=sum(ro.vision_calls for ro in ros),
-                                     skipped=skipped, t_generation=t_gen, t_reference=t_ref, t_update=t_upd), device)
-        sums |= all_reduce_named(dict(completion_len_max=lengths.max() if ros else 0), device, dist.ReduceOp.MAX)
-        m = step_metrics(sums, world, step + 1, upd["grad_norm"], scheduler.get_last_lr()[0], skips.skipped,
-                         nonfinite_steps)
-        records = completion_records(step + 1, exs, ros, dict(accuracy=acc, format=fmt, confidence=conf, bonus=bonus,
-                                     reward=rewards, advantage=advantages)) if cfg.log_completions else None
-        write_logs(out, m, records, writer)
-        bar.set_postfix(reward=f"{m['reward_mean']:.2f}", acc=f"{m['accuracy']:.2f}", bonus=f"{m['bonus_mean']:.2f}")
+        # --- log: named sums over all processes (collectives), one metrics.jsonl line per step ---
+        lengths = torch.stack([ro.completion_mask.sum(-1).float().cpu() for ro in rollouts]) \
+            if rollouts else torch.zeros(0, G)  # (B, G)
+        truncated = torch.stack([ro.truncated.float().cpu() for ro in rollouts]) if rollouts else torch.zeros(0, G)
+        sums = all_reduce_named(dict(group_sums(acc, fmt, conf, bonus, rewards, lengths, truncated),
+                                     loss=update["loss"], clip_frac=update["clip_frac"],
+                                     vision_calls=sum(ro.vision_calls for ro in rollouts), skipped=skipped,
+                                     t_generation=t_gen, t_reference=t_ref, t_update=t_upd), device)
+        sums |= all_reduce_named(dict(completion_len_max=lengths.max() if rollouts else 0), device, dist.ReduceOp.MAX)
+        metrics = step_metrics(sums, world, step + 1, update["grad_norm"], scheduler.get_last_lr()[0], skips.skipped,
+                               nonfinite_steps)
+        records = completion_records(step + 1, examples, rollouts, dict(
+            accuracy=acc, format=fmt, confidence=conf, bonus=bonus, reward=rewards, advantage=advantages)) \
+            if cfg.log_completions else None
+        logs.write_logs(out, metrics, records, writer)  # a collective: rank 0 gathers the completions
+        bar.set_postfix(reward=f"{metrics['reward_mean']:.2f}", acc=f"{metrics['accuracy']:.2f}",
+                        bonus=f"{metrics['bonus_mean']:.2f}")
 
-        # --- checkpoint ---
+        # --- checkpoint (a collective) ---
         if (step + 1) % cfg.save_steps == 0 or step + 1 == total_steps:
-            with disk_full_is_an_error(out / f"checkpoint-{step + 1}"):
-                save_checkpoint(out, step + 1, policy, ref, optimizer, scheduler, processor, cfg,
-                                counters=dict(skips=asdict(skips), nonfinite_steps=nonfinite_steps))
+            with checkpoints.disk_full_is_an_error(out / f"checkpoint-{step + 1}"):
+                checkpoints.save_checkpoint(out, step + 1, policy, ref, optimizer, scheduler, processor, cfg,
+                                            counters=dict(skips=asdict(skips), nonfinite_steps=nonfinite_steps))
 
     rank0_print(skips.summary())
     if rank == 0 and (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").stat().st_size:
-        plot_metrics(out / "metrics.jsonl", out / "curves.png")
+        logs.plot_metrics(out / "metrics.jsonl", out / "curves.png")
         rank0_print(f"done: {out}/checkpoint-{total_steps}, metrics in {out}/metrics.jsonl, curves in {out}/curves.png")
     dist.barrier()
     dist.destroy_process_group()

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from data import LETTERS
-from infra import ConfigError
+from config import ConfigError
 
 PROTOCOLS = ("supports", "picks")
 PROMPTS = {  # the one place the judge's instructions live

@@ -73,13 +73,13 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch.distributed.fsdp import FSDPModule
 from torch.utils.checkpoint import checkpoint
 from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 from transformers.cache_utils import DynamicLayer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from distributed import gathered
 from rewards import ANSWER_RE
 
 # modality -> (pixel key, grid key, placeholder-token config key)
@@ -174,25 +174,6 @@ def select_prompts(model, batch, mm: dict, prompts: list[int]) -> dict:
             features = tuple(mm[modality].pooler_output[i] for i in items)
             inputs["mm_encoder_outputs"][modality] = BaseModelOutputWithPooling(pooler_output=features)
     return inputs
-
-
-@contextlib.contextmanager
-def gathered(model):
-    """FSDP2: all-gather every FSDP unit once and keep it until the block ends; no-op otherwise.
-
-    Assumes the non-root units reshard after forward (FSDP2's default) and restores that."""
-    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    for m in units:
-        if m is not model:  # the root keeps its own (auto) setting
-            m.set_reshard_after_forward(False, recurse=False)
-        m.unshard()
-    try:
-        yield
-    finally:
-        for m in units:
-            if m is not model:
-                m.set_reshard_after_forward(True, recurse=False)
-            m.reshard()
 
 
 def row_seed(prompt_seed: int, g: int) -> int:

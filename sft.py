@@ -9,7 +9,7 @@ options, same shuffle, same media) followed by the target `<think>{cot}</think><
 where X is the letter at which the CoT's chosen option (`cot_answer`, else `answer`) lands in this
 epoch's shuffled options. A Video-R1 file (rows with `process`) works too: X is its solution. The loss is
 the mean cross-entropy over target tokens only (prompt: -100); <|im_end|> is a target, so the model learns
-to stop. Config base, FSDP2 loading and run-dir checks are infra.py's, the data split grpo_care.py's: step s
+to stop. Config base, FSDP2 loading and run-dir checks are config.py's, distributed.py's, checkpoints.py's, the data split grpo_care.py's: step s
 takes rows [s*B*world, (s+1)*B*world) of the epoch's order, this rank every world-th. The result is a
 `save_pretrained` directory (model + processor) in --output_dir.
 
@@ -25,7 +25,7 @@ Departures, and why:
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,8 +37,10 @@ from transformers import AutoProcessor, get_cosine_schedule_with_warmup
 
 import toy
 from data import LETTERS, Collator, DataError, check_media_dirs, load_examples, read_located_rows, step_examples
-from infra import (RUN_RULES, RunAborted, RunConfig, all_reduce_named, load_model, open_run_dir, optimizer_step,
-                   parse_run_config, plan_steps, rank0_print, resolve_run, run_cli, setup_distributed, write_logs)
+from checkpoints import open_run_dir
+from config import RunAborted, RunConfig, parse_run_config, plan_steps, redefault, run_cli, set_device_defaults, use_toy_world
+from distributed import all_reduce_named, load_model, optimizer_step, rank0_print, setup_distributed
+from logs import write_logs
 from rollout import encode_vision
 
 RESPONSE = "<think>{cot}</think><answer>{answer}</answer>"
@@ -72,12 +74,12 @@ def append_targets(input_ids, attention_mask, mm_token_type_ids, targets: list[l
 
 
 @dataclass
-class SFTConfig(RunConfig):  # the fields shared with grpo_care.Config: infra.RunConfig; here the defaults that differ
-    train_file: str = field(default="annotations/training_with_cot_6k.jsonl", metadata={"help": "relative to data_root"})
-    output_dir: str = field(default="outputs/sft", metadata={"help": "the fine-tuned model + processor, metrics.jsonl"})
-    learning_rate: float = field(default=1e-5, metadata={"help": "peak learning rate, cosine decay to 0"})
-    warmup_ratio: float = field(default=0.03, metadata={"help": "linear warm-up fraction of the steps"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
+class SFTConfig(RunConfig):  # the settings shared with grpo_care.Config: config.RunConfig; here the defaults that differ
+    train_file: str = redefault(RunConfig, "train_file", "annotations/training_with_cot_6k.jsonl")
+    output_dir: str = redefault(RunConfig, "output_dir", "outputs/sft")  # the fine-tuned model + processor
+    learning_rate: float = redefault(RunConfig, "learning_rate", 1e-5)
+    warmup_ratio: float = redefault(RunConfig, "warmup_ratio", 0.03)
+    max_grad_norm: float = redefault(RunConfig, "max_grad_norm", 1.0)
 
 
 SFT_FILES = ("metrics.jsonl", "config.json", "model.safetensors", "model.safetensors.index.json")  # a finished SFT
@@ -85,7 +87,7 @@ SFT_FILES = ("metrics.jsonl", "config.json", "model.safetensors", "model.safeten
 
 def parse_config(argv: list[str] | None = None) -> SFTConfig:
     """SFTConfig from `argv` (default sys.argv); --toy (the default without --model_path) applies toy.SFT_DEFAULTS."""
-    return parse_run_config(SFTConfig, sys.argv[1:] if argv is None else argv, toy.SFT_DEFAULTS, RUN_RULES)
+    return parse_run_config(SFTConfig, sys.argv[1:] if argv is None else argv, toy.SFT_DEFAULTS)
 
 
 def rows_with_reasoning(train_path: Path, data_root, seed: int, shuffle_options: bool):
@@ -108,7 +110,12 @@ def main(argv: list[str] | None = None):
     cfg = parse_config(argv)
     device = setup_distributed().device
     rank, world = dist.get_rank(), dist.get_world_size()
-    out = resolve_run(cfg, device)
+    set_device_defaults(cfg, device)  # bf16, gradient checkpointing, attention kernel: where the flags left them unset
+    if not cfg.model_path:
+        use_toy_world(cfg)  # builds it (rank 0, cached) and points --model_path and --data_root at it
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
 
     # before any model is loaded: every row checked, the output dir
     train_path = Path(cfg.data_root) / cfg.train_file

@@ -120,7 +120,7 @@ FRAME = 56  # pixels; 56 = 2 merged patches of 28, so an image is 2x2 = 4 vision
 TOY_VISION = dict(video_max_pixels=FRAME * FRAME, video_min_pixels=FRAME * FRAME, image_max_pixels=FRAME * FRAME,
                   image_min_pixels=FRAME * FRAME, video_max_frames=4)
 # The toy run's sizes, applied with --toy (the default without --model_path) to every field not given on the
-# command line, with TOY_VISION (infra.parse_run_config). sft.py's warm start: 16 epochs of the 240 rows.
+# command line, with TOY_VISION (config.parse_run_config). sft.py's warm start: 16 epochs of the 240 rows.
 SFT_DEFAULTS = dict(shuffle_options=False, learning_rate=3e-3, prompts_per_device=16, num_epochs=16,
                     warmup_ratio=0.05, output_dir="outputs/toy_sft")
 # grpo_care.py (./train.sh: from the warm start): 60 steps of 4 prompts x 8 samples, one epoch, ~1 min on 2

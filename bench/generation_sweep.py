@@ -61,7 +61,7 @@ def main():
     cfg = grpo_care.parse_config(["--toy", "true", "--model_path", a.model_path, "--data_root", a.data_root,
                                   "--output_dir", tempfile.mkdtemp()])  # nothing is written there
     device = grpo_care.setup_distributed().device
-    grpo_care.resolve_run(cfg, device)
+    grpo_care.set_device_defaults(cfg, device)
     processor = AutoProcessor.from_pretrained(cfg.model_path)
     policy = grpo_care.load_model(cfg.model_path, cfg, device, trainable=True).eval()
     collate = Collator(processor, cfg.vision_spec())

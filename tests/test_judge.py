@@ -15,7 +15,7 @@ import evaluate as ev
 import judge
 import toy
 from data import load_examples
-from infra import ConfigError, run_cli
+from config import ConfigError, run_cli
 
 OPTIONS = ["cut the red fruit", "cut the blue fruit", "wash the cup", "open the door"]
 

@@ -14,9 +14,10 @@ import torch
 
 import grpo_care
 from data import DataError
-import infra
+import budgets
+import checkpoints
 import sft
-from infra import ConfigError, RunAborted
+from config import ConfigError, RunAborted
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,16 +78,16 @@ def test_overwrite_output_dir_deletes_the_old_run(toy_world, tmp_path, no_models
 def test_truncate_history_keeps_the_steps_not_redone(tmp_path):
     f = tmp_path / "metrics.jsonl"
     f.write_text("".join(json.dumps({"step": s, "x": s}) + "\n" for s in (1, 2, 3)) + '{"step": 4, "x"')  # cut by kill -9
-    infra.truncate_history(f, 2)
+    checkpoints.truncate_history(f, 2)
     assert [json.loads(line)["step"] for line in f.read_text().splitlines()] == [1, 2]
-    infra.truncate_history(tmp_path / "absent.jsonl", 2)
+    checkpoints.truncate_history(tmp_path / "absent.jsonl", 2)
     assert not (tmp_path / "absent.jsonl").exists()
 
 
 # --- 2. the skip budget ---------------------------------------------------------------------------------
 
 def test_skip_verdict():
-    v = infra.skip_verdict
+    v = budgets.skip_verdict
     assert v(4, 4, 4, 4, 0.5) == "4 of this step's 4 samples are unreadable (more than --max_skip_frac 0.5)"
     assert v(2, 4, 2, 4, 0.5) is None  # half is not more than half
     assert v(1, 1, 1, 1, 0.5) is None  # a step of 1 and a run of 1 are not judged ...
@@ -96,12 +97,12 @@ def test_skip_verdict():
 
 
 def test_skip_log_summary():
-    log = infra.SkipLog()
+    log = budgets.SkipLog()
     log.add(4, [(1, "/d/v1.mp4", "file not found"), (2, "/d/i2.png", "cannot decode (truncated)")])
     log.add(4, [(3, "/d/v3.mp4", "file not found")])
     assert log.summary() == ("skipped 3 of 8 samples (2 file not found, 1 cannot decode); first: "
                              "/d/v1.mp4: file not found; /d/i2.png: cannot decode (truncated); /d/v3.mp4: file not found")
-    assert infra.SkipLog(**asdict(log)) == log, "round-trips through trainer_state.json"
+    assert budgets.SkipLog(**asdict(log)) == log, "round-trips through trainer_state.json"
 
 
 def test_a_missing_media_folder_fails_before_any_model(toy_world, tmp_path, no_models):
@@ -186,12 +187,12 @@ def test_resume_lists_the_flags_that_apply(toy_world, tmp_path, no_models, capsy
 
 def test_compare_resume_config():
     saved = dict(learning_rate=1e-6, use_care=True, beta=0.0, seed=1, output_dir="a")
-    assert infra.compare_resume_config(saved, dict(saved, output_dir="b")) == ([], [])
-    refused, applied = infra.compare_resume_config(saved, dict(saved, use_care=False, seed=2, new_flag=1))
+    assert checkpoints.compare_resume_config(saved, dict(saved, output_dir="b")) == ([], [])
+    refused, applied = checkpoints.compare_resume_config(saved, dict(saved, use_care=False, seed=2, new_flag=1))
     assert refused == ["reference model (use_care or beta > 0): True -> False"]
     assert applied == ["use_care: True -> False", "seed: 1 -> 2"]
     # with beta > 0 a reference is held either way: turning CARE off applies
-    assert infra.compare_resume_config(dict(saved, beta=0.1), dict(saved, beta=0.1, use_care=False))[0] == []
+    assert checkpoints.compare_resume_config(dict(saved, beta=0.1), dict(saved, beta=0.1, use_care=False))[0] == []
 
 
 # --- 5. flags ------------------------------------------------------------------------------------------
@@ -230,14 +231,14 @@ def test_a_full_disk_says_so_and_removes_the_partial_checkpoint(tmp_path, error)
     ckpt = tmp_path / "checkpoint-4"
     (tmp_path / "checkpoint-4.tmp").mkdir()
     with pytest.raises(RunAborted, match=r"checkpoint-4: no space left on device while saving .* resume with"):
-        with infra.disk_full_is_an_error(ckpt):
+        with checkpoints.disk_full_is_an_error(ckpt):
             try:
                 raise OSError(errno.ENOSPC, "write failed")  # torch raises its RuntimeError while handling this
             except OSError:
                 raise error  # noqa: B904
     assert not (tmp_path / "checkpoint-4.tmp").exists()
     with pytest.raises(ValueError, match="a bug"):  # anything else is not a disk problem
-        with infra.disk_full_is_an_error(ckpt):
+        with checkpoints.disk_full_is_an_error(ckpt):
             raise ValueError("a bug")
 
 

@@ -159,7 +159,8 @@ def test_video_r1_rows_without_process_are_skipped_not_fatal(tmp_path, monkeypat
 
 
 def test_sft_refuses_a_used_output_dir_and_bad_flags(tmp_path):
-    from infra import ConfigError, check_output_dir
+    from checkpoints import check_output_dir
+    from config import ConfigError
 
     with pytest.raises(ConfigError, match=r"--learning_rate -1.0: must be >= 0"):
         sft.parse_config(["--learning_rate", "-1"])

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import grpo_care
-import infra
+import checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 METRIC_FIELDS = {"reward_mean", "reward_std", "accuracy", "format", "bonus_mean", "bonus_frac", "confidence",
@@ -201,7 +201,7 @@ def test_crash_while_saving_keeps_the_previous_checkpoint(toy_world, tmp_path, m
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     calls = []
-    real = grpo_care.save_checkpoint
+    real = checkpoints.save_checkpoint
 
     def crash_on_second(out, step, policy, ref, optimizer, scheduler, processor, cfg, **kw):
         calls.append(step)
@@ -212,7 +212,7 @@ def test_crash_while_saving_keeps_the_previous_checkpoint(toy_world, tmp_path, m
             return real(out, step, policy, ref, optimizer, scheduler, Dying(), cfg, **kw)
         return real(out, step, policy, ref, optimizer, scheduler, processor, cfg, **kw)
 
-    monkeypatch.setattr(grpo_care, "save_checkpoint", crash_on_second)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", crash_on_second)
     with pytest.raises(KeyboardInterrupt):
         grpo_care.main(args(toy_world, tmp_path, "--max_steps", "2", "--save_steps", "1"))
     import torch.distributed as dist
@@ -220,9 +220,9 @@ def test_crash_while_saving_keeps_the_previous_checkpoint(toy_world, tmp_path, m
     if dist.is_initialized():
         dist.destroy_process_group()
     assert (tmp_path / "checkpoint-2.tmp").exists() and not (tmp_path / "checkpoint-2").exists()
-    assert infra.find_resume_checkpoint(tmp_path, "latest") == tmp_path / "checkpoint-1"
+    assert checkpoints.find_resume_checkpoint(tmp_path, "latest") == tmp_path / "checkpoint-1"
     Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "checkpoint-1")
-    monkeypatch.setattr(grpo_care, "save_checkpoint", real)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", real)
     grpo_care.main(args(toy_world, tmp_path, "--max_steps", "2", "--save_steps", "1", "--resume_from_checkpoint", "latest"))
     assert (tmp_path / "checkpoint-2").exists()
 
