@@ -59,11 +59,32 @@ from rewards import (accuracy_reward, answer_confidence, bonus_selective, consis
 # --- core math of the update (pure functions) ---
 
 
-def policy_loss(logps, old_logps, advantages, mask, clip_eps=0.2, ref_logps=None, beta=0.0):
-    """Clipped GRPO loss. `logps`, `old_logps`, `mask`, `ref_logps`: (N, T); `advantages`: (N,).
+def kl_token_weights(mask, beta, rows=None, answer_mask=None, beta_answer=0.0):
+    """(N, T) weight of each token's k3 KL in the loss; `mask`, `answer_mask`: (N, T); `rows`: (N,) bool or None.
 
-    Returns (loss, stats); stats hold detached 0-d tensors (no host sync): `clip_frac`,
-    `ratio_mean` and, when `ref_logps` is given, `kl`.
+    The Table 3 arms are weightings of one per-token KL: GRPO and KL-EMA weigh every completion token
+    beta / n_tokens (the mean over the sequence, as the reference); KL-EMA-HA keeps only the `rows` of
+    high-accuracy samples (rewards.accurate_samples); SepKL-EMA-HA (`answer_mask` given) makes two terms,
+    beta times the mean over the reasoning tokens (completion tokens outside the graded answer's span) plus
+    beta_answer times the mean over the answer's tokens, so a one-token answer weighs as much as the
+    reasoning instead of 1 / n_tokens of it."""
+    mask = mask.to(torch.float32)  # (N, T)
+    mean_over = lambda m: m / m.sum(-1, keepdim=True).clamp(min=1)  # noqa: E731  (N, T), rows sum to 1 (or 0)
+    if answer_mask is None:
+        weights = beta * mean_over(mask)  # (N, T)
+    else:
+        answer = answer_mask.to(torch.float32) * mask  # (N, T)
+        weights = beta * mean_over(mask - answer) + beta_answer * mean_over(answer)  # (N, T)
+    return weights if rows is None else weights * rows.to(weights.dtype).unsqueeze(-1)  # (N, T)
+
+
+def policy_loss(logps, old_logps, advantages, mask, clip_eps=0.2, ref_logps=None, beta=0.0, kl_weights=None):
+    """Clipped GRPO loss. `logps`, `old_logps`, `mask`, `ref_logps`, `kl_weights`: (N, T); `advantages`: (N,).
+
+    The KL penalty is sum_t kl_weights * k3 per sequence, averaged over sequences; `kl_weights` default
+    kl_token_weights(mask, beta): beta times the mean over each sequence's tokens. Returns (loss, stats);
+    stats hold detached 0-d tensors (no host sync): `clip_frac`, `ratio_mean` and, when `ref_logps` is
+    given, `kl` (the mean over sequences of the mean over tokens, whatever the weights).
     """
     assert logps.shape == old_logps.shape == mask.shape, (
         f"logps {tuple(logps.shape)}, old_logps {tuple(old_logps.shape)}, mask {tuple(mask.shape)} must match")
@@ -74,16 +95,18 @@ def policy_loss(logps, old_logps, advantages, mask, clip_eps=0.2, ref_logps=None
     unclipped = ratio * adv  # (N, T)
     clipped = ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv  # (N, T)
     per_token = torch.minimum(unclipped, clipped)  # (N, T), pessimistic bound
+    # Mean over each sequence's tokens, then over sequences (the reference's normalisation).
+    loss = -((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
     stats = {}
     if ref_logps is not None:
         assert ref_logps.shape == logps.shape, f"ref_logps {tuple(ref_logps.shape)} vs logps {tuple(logps.shape)}"
-        delta = ref_logps - logps  # (N, T)
-        kl = torch.exp(delta) - delta - 1  # (N, T), k3: unbiased, always >= 0
-        if beta != 0.0:  # skip rather than add 0 * kl, which is NaN where kl is inf
-            per_token = per_token - beta * kl
-        stats["kl"] = ((kl * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean().detach()
-    # Mean over each sequence's tokens, then over sequences (the reference's normalisation).
-    loss = -((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+        k3 = lambda d: torch.exp(d) - d - 1  # noqa: E731  unbiased, always >= 0
+        weights = kl_token_weights(mask, beta) if kl_weights is None else kl_weights.to(logps.dtype)  # (N, T)
+        # d = 0 where a token's weight is 0 (padding, beta = 0, a row left out): an inf there would make 0 * inf = NaN
+        on = (weights != 0) & (mask != 0)  # (N, T)
+        loss = loss + (weights * k3(torch.where(on, ref_logps - logps, 0.0))).sum(-1).mean()
+        kl = k3(torch.where(mask != 0, ref_logps - logps.detach(), 0.0))  # (N, T)
+        stats["kl"] = (kl.sum(-1) / mask.sum(-1).clamp(min=1)).mean()
     n_tokens = mask.sum().clamp(min=1)
     stats["clip_frac"] = (((clipped < unclipped).to(mask.dtype) * mask).sum() / n_tokens).detach()
     stats["ratio_mean"] = ((ratio * mask).sum() / n_tokens).detach()

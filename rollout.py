@@ -473,3 +473,56 @@ def answer_span_mask(completion_ids: torch.Tensor, tokenizer, mask: torch.Tensor
                 span[r, t] = 1
             at += len(piece)
     return span
+
+
+def reasoning_prefix_lengths(completion_ids: torch.Tensor, tokenizer, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(N,) the number of completion tokens up to the one that completes the first `</think>` (inclusive); 0 when
+    the completion (under `mask`) has none. Byte offsets of the BPE pieces, as answer_span_mask."""
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+    lengths = torch.zeros(completion_ids.shape[0], dtype=torch.long)  # (N,)
+    for r, row in enumerate(completion_ids.tolist()):
+        n = len(row) if mask is None else int(mask[r].sum())
+        pieces = [b"" if t is None else bytes(_BYTE_OF[c] for c in t) if all(c in _BYTE_OF for c in t)
+                  else t.encode() for t in tokenizer.convert_ids_to_tokens(row[:n])]
+        end = b"".join(pieces).find(b"</think>")
+        if end >= 0:
+            end, at = end + len(b"</think>"), 0
+            lengths[r] = next(t + 1 for t, piece in enumerate(pieces) if (at := at + len(piece)) >= end)
+    return lengths
+
+
+@torch.no_grad()
+def regenerate_answers(model, rollout: Rollout, prefix_lengths: torch.Tensor, seeds: list[int], tokenizer,
+                       max_new_tokens: int, temperature: float = 1.0, top_p: float = 0.95,
+                       eos_token: str = "<|im_end|>") -> list[str | None]:
+    """RefGen: `model` (the EMA reference) continues each row's prompt + its first `prefix_lengths[r]` completion
+    tokens (the reasoning through `</think>`) with its own sampled tokens, row r from generator `seeds[r]`, all
+    rows in one `generate` call. Returns per row the text after `</think>` (the regenerated answer part), None
+    for a row without reasoning (prefix length 0), which is not regenerated."""
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+    eos, pad = tokenizer.convert_tokens_to_ids(eos_token), tokenizer.pad_token_id
+    keep = [r for r, n in enumerate(prefix_lengths.tolist()) if n > 0]
+    if not keep:
+        return [None] * len(prefix_lengths)
+    mm = encode_vision(model, rollout.batch)  # the reference's own vision features
+    rows = select_prompts(model, rollout.batch, mm, rollout.prompt_index[keep].tolist())  # (K, P) prompts
+    K = max(int(prefix_lengths[r]) for r in keep)
+    prefixes = [rollout.completion_ids[r, :int(prefix_lengths[r])] for r in keep]
+    # prompt + reasoning, left-padded again to one length: the padding stays on the left, where generate wants it
+    for name, fill in (("input_ids", None), ("attention_mask", 1), ("mm_token_type_ids", 0)):
+        rows[name] = torch.stack([F.pad(torch.cat([row, p if fill is None else torch.full_like(p, fill)]),
+                                        (K - len(p), 0), value=pad if name == "input_ids" else 0)
+                                  for row, p in zip(rows[name], prefixes)])
+    placeholders = [getattr(model.config, token) for _, _, token in MODALITIES.values()]
+    sampler = SeededSampler([seeds[r] for r in keep], temperature, top_p, rows["input_ids"].device, max_new_tokens)
+    with gathered(model):
+        out = model.generate(**rows, do_sample=False, logits_processor=LogitsProcessorList([sampler]),
+                             temperature=None, top_p=None, top_k=None, repetition_penalty=1.0,
+                             max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad, synced_gpus=False,
+                             suppress_tokens=placeholders)
+    new, texts = out[:, rows["input_ids"].shape[1]:], [None] * len(prefix_lengths)  # (K, T_new)
+    new_mask, _ = completion_mask(new, eos)
+    for i, r in enumerate(keep):
+        text = tokenizer.decode(torch.cat([prefixes[i], new[i][new_mask[i].bool()]]), skip_special_tokens=True)
+        texts[r] = text.split("</think>", 1)[1]  # the prefix's last token may hold text after the tag
+    return texts
