@@ -50,11 +50,11 @@ from data import Collator, check_media_dirs, load_examples, step_examples
 import budgets
 import checkpoints
 import logs
-from config import (NONNEG, POSITIVE, RunConfig, between, int_ge, parse_run_config, plan_steps, run_cli,
-                    set_device_defaults, setting, use_toy_world)
+from config import (NONNEG, POSITIVE, ConfigError, RunConfig, between, int_ge, parse_run_config, plan_steps,
+                    run_cli, set_device_defaults, setting, use_toy_world)
 from distributed import all_reduce_named, load_model, optimizer_step, rank0_print, setup_distributed
-from rewards import (accuracy_reward, answer_confidence, bonus_selective, consistency_bonus, format_reward,
-                     group_advantages, total_reward)
+from rewards import (accuracy_reward, accurate_samples, answer_confidence, bonus_selective, consistency_bonus,
+                     dense_consistency_reward, format_reward, group_advantages, refgen_consistency_reward, total_reward)
 
 # --- core math of the update (pure functions) ---
 
@@ -180,9 +180,18 @@ class Config(RunConfig):  # the model, data, optimizer, media and system setting
     num_iterations: int = setting(1, "mu, updates per rollout (1 = the reference)", int_ge(1))
     clip_eps: float = setting(0.2, "PPO clip range (inactive when mu = 1)", POSITIVE)
     beta: float = setting(0.0, "k3 KL weight to the reference (the reference: 0)", NONNEG)
-    # CARE
-    use_care: bool = setting(True, "consistency bonus from the EMA reference; false = GRPO")
-    bonus_coefficient: float = setting(0.5, "bonus = coef * accuracy", NONNEG)
+    kl_reference: str = setting("initial", "the KL's reference: the frozen initial model or the EMA one",
+                                ("initial or ema", lambda v: v in ("initial", "ema")))
+    kl_on: str = setting("all", "the samples the KL weighs: all, or accurate (CARE's high-accuracy ones)",
+                         ("all or accurate", lambda v: v in ("all", "accurate")))
+    sep_kl_answer_coef: float | None = setting(None, "SepKL: a separate KL term, the mean over the graded answer's "
+                                               "tokens, with this weight (beta weighs the reasoning's mean)",
+                                               ("None or >= 0", lambda v: v is None or v >= 0))
+    # the consistency reward (Table 3's arms), from the EMA reference
+    consistency_reward: str = setting("care", "care (CARE's sparse bonus), dense (DenseCons), refgen (RefGen) or none",
+                                      ("care, dense, refgen or none", lambda v: v in CONSISTENCY_REWARDS))
+    bonus_coefficient: float = setting(0.5, "lambda: care coef * acc, dense coef * acc * p_ref, refgen coef * "
+                                       "acc(regenerated)", NONNEG)
     confidence_upper_bound: float = setting(0.95, "cap on the reference's answer confidence",
                                             between(0, 1, lo_open=True))
     consistency_margin: float = setting(0.0, "confident = conf >= level - margin", between(0, 1))
@@ -199,7 +208,30 @@ class Config(RunConfig):  # the model, data, optimizer, media and system setting
 
 def parse_config(argv: list[str] | None = None) -> Config:
     """Config from `argv` (default sys.argv); --toy (the default without --model_path) applies toy.RL_DEFAULTS."""
-    return parse_run_config(Config, sys.argv[1:] if argv is None else argv, toy.RL_DEFAULTS)
+    cfg = parse_run_config(Config, sys.argv[1:] if argv is None else argv, toy.RL_DEFAULTS)
+    if not has_kl(cfg) and (cfg.kl_reference, cfg.kl_on, cfg.sep_kl_answer_coef) != ("initial", "all", None):
+        raise ConfigError(f"--kl_reference {cfg.kl_reference} --kl_on {cfg.kl_on} --sep_kl_answer_coef "
+                          f"{cfg.sep_kl_answer_coef}: shape a KL penalty, and there is none: set --beta > 0")
+    if has_kl(cfg) and cfg.kl_reference == "initial" and cfg.consistency_reward != "none":
+        raise ConfigError(f"--kl_reference initial: --consistency_reward {cfg.consistency_reward} moves the one "
+                          "reference model (EMA); use --kl_reference ema, --beta 0 or --consistency_reward none")
+    return cfg
+
+
+CONSISTENCY_REWARDS = ("care", "dense", "refgen", "none")
+
+
+def has_kl(cfg) -> bool:
+    return cfg.beta > 0 or (cfg.sep_kl_answer_coef or 0) > 0
+
+
+def arm_kl(cfg) -> str:
+    return f"on {cfg.kl_on} samples, to the {cfg.kl_reference} reference" if has_kl(cfg) else "none"
+
+
+def ema_reference(cfg) -> bool:
+    """The reference moves toward the policy (CARE's EMA schedule) for every consistency reward and for KL-EMA."""
+    return cfg.consistency_reward != "none" or (has_kl(cfg) and cfg.kl_reference == "ema")
 
 
 # --- the phases of a step, each returning plain data ---
@@ -236,11 +268,45 @@ def answer_confidences(rollouts: list, ref_logps: list, tokenizer, upper_bound: 
     return torch.stack(conf) if conf else torch.zeros(0, G)
 
 
+def regenerated_accuracy(ref, rollouts: list, examples: list[dict], tokenizer, seed: int, step: int, G: int,
+                         max_new_tokens: int, temperature: float, top_p: float) -> torch.Tensor:
+    """RefGen's (B, G): the accuracy of the answer the reference samples after each sample's reasoning (0 for a
+    sample without `</think>`). Seeded per (run seed, step, sample id, g), like the rollouts."""
+    acc = []
+    for ro, ex in zip(rollouts, examples):
+        prefix = rollout.reasoning_prefix_lengths(ro.completion_ids, tokenizer, ro.completion_mask)  # (G,)
+        seeds = [rollout.row_seed(sample_seed(seed, step, f"refgen/{ex['id']}"), g) for g in range(G)]
+        texts = rollout.regenerate_answers(ref, ro, prefix, seeds, tokenizer, max_new_tokens, temperature, top_p)
+        ro.vision_calls += 1
+        acc.append(accuracy_reward([t or "" for t in texts], [ex["solution"]] * G, [ex["problem_type"]] * G))
+    return torch.tensor(acc).view(-1, G)
+
+
+def consistency_reward(arm: str, accuracy, confidence, regenerated, coef: float, margin: float) -> torch.Tensor:
+    """(B, G): the arm's consistency reward (`confidence`, `regenerated`: (B, G), or None where the arm needs none)."""
+    return {"care": lambda: consistency_bonus(accuracy, confidence, coef, margin),
+            "dense": lambda: dense_consistency_reward(accuracy, confidence, coef),
+            "refgen": lambda: refgen_consistency_reward(regenerated, coef),
+            "none": lambda: torch.zeros_like(accuracy)}[arm]()
+
+
+def sample_kl_weights(rollouts: list, accuracy, tokenizer, beta: float, kl_on: str,
+                      sep_answer_coef: float | None) -> list[torch.Tensor]:
+    """(G, T) per prompt: kl_token_weights for the arm (all samples or the accurate ones; one term, or
+    reasoning and answer apart)."""
+    rows = accurate_samples(accuracy) if kl_on == "accurate" else [None] * len(rollouts)  # (B, G)
+    return [kl_token_weights(ro.completion_mask, beta, None if r is None else r.to(ro.completion_mask.device),
+                             None if sep_answer_coef is None else
+                             rollout.answer_span_mask(ro.completion_ids, tokenizer, ro.completion_mask),
+                             sep_answer_coef or 0.0) for ro, r in zip(rollouts, rows)]
+
+
 def accumulate_policy_gradients(policy, rollouts: list, advantages, old_logps, ref_logps, clip_eps: float,
-                                beta: float, chunk: int) -> tuple[float, float]:
+                                beta: float, chunk: int, kl_weights: list | None = None) -> tuple[float, float]:
     """Backpropagates this process's loss, the mean over its B prompts of each prompt's policy_loss; returns the
-    sums over prompts of the loss and the clip fraction. `advantages` (B, G); `old_logps`, `ref_logps`: one
-    (G, T) per prompt, or None (old = the log-probs themselves, detached: mu = 1; no KL)."""
+    sums over prompts of the loss and the clip fraction. `advantages` (B, G); `old_logps`, `ref_logps`,
+    `kl_weights`: one (G, T) per prompt, or None (old = the log-probs themselves, detached: mu = 1; no KL;
+    beta / n_tokens)."""
     loss_sum = clip_sum = 0.0
     for i, ro in enumerate(rollouts):
         mm = rollout.encode_vision(policy, ro.batch)  # once per prompt per iteration, with gradient
@@ -248,14 +314,15 @@ def accumulate_policy_gradients(policy, rollouts: list, advantages, old_logps, r
         logps = rollout.completion_logprobs(policy, ro, mm, chunk_size=chunk)  # (G, T)
         old = logps.detach() if old_logps is None else old_logps[i]
         loss, stats = policy_loss(logps, old, advantages[i].to(logps.device), ro.completion_mask, clip_eps,
-                                  None if ref_logps is None else ref_logps[i], beta)
+                                  None if ref_logps is None else ref_logps[i], beta,
+                                  None if kl_weights is None else kl_weights[i])
         (loss / len(rollouts)).backward()  # the mean over this process's prompts; FSDP2 averages the processes
         loss_sum, clip_sum = loss_sum + loss.item(), clip_sum + stats["clip_frac"].item()
     return loss_sum, clip_sum
 
 
 def policy_update(policy, optimizer, rollouts: list, advantages, ref_logps, num_iterations: int, clip_eps: float,
-                  beta: float, max_grad_norm: float, chunk: int) -> dict:
+                  beta: float, max_grad_norm: float, chunk: int, kl_weights: list | None = None) -> dict:
     """`num_iterations` clipped policy-gradient steps on one rollout. Returns the per-prompt sums of the loss and
     clip fraction (each averaged over the iterations), the last grad norm and the non-finite iterations."""
     policy.train()
@@ -265,7 +332,8 @@ def policy_update(policy, optimizer, rollouts: list, advantages, ref_logps, num_
             old = [rollout.completion_logprobs(policy, ro, ro.mm, chunk_size=chunk) for ro in rollouts]
     out = dict(loss=0.0, clip_frac=0.0, grad_norm=0.0, nonfinite=0)
     for _ in range(num_iterations):
-        loss, clip = accumulate_policy_gradients(policy, rollouts, advantages, old, ref_logps, clip_eps, beta, chunk)
+        loss, clip = accumulate_policy_gradients(policy, rollouts, advantages, old, ref_logps, clip_eps, beta, chunk,
+                                                 kl_weights)
         out["grad_norm"], stepped = optimizer_step(policy, optimizer, max_grad_norm, loss)
         out["loss"], out["clip_frac"] = out["loss"] + loss / num_iterations, out["clip_frac"] + clip / num_iterations
         out["nonfinite"] += not stepped
@@ -302,10 +370,11 @@ def main(argv: list[str] | None = None):
                                               cfg.max_steps, train_path)
     ckpt, saved = checkpoints.open_run_dir(out, cfg, total_steps)  # a collective
 
-    # --- models: the policy, and the EMA reference (CARE) or a frozen one (beta > 0) ---
+    # --- models: the policy, and the reference: EMA (a consistency reward, KL-EMA) or frozen (GRPO's KL) ---
     processor = AutoProcessor.from_pretrained(cfg.model_path)  # its tokenizer decodes and finds answer spans
     policy = load_model(cfg.model_path, cfg, device, trainable=True)
-    ref = load_model(cfg.model_path, cfg, device, trainable=False).eval() if (cfg.use_care or cfg.beta > 0) else None
+    uses_ref = cfg.consistency_reward != "none" or has_kl(cfg)
+    ref = load_model(cfg.model_path, cfg, device, trainable=False).eval() if uses_ref else None
 
     # --- data: a fixed order per epoch; step s takes prompts [s*B, (s+1)*B) of it, this rank every world-th ---
     collate = Collator(processor, cfg.vision_spec())
@@ -318,7 +387,7 @@ def main(argv: list[str] | None = None):
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
     start = checkpoints.load_checkpoint(ckpt, policy, ref, optimizer, scheduler) if ckpt else 0
     rank0_print(f"GRPO-CARE: {total_steps} steps, {world} process(es) x {cfg.prompts_per_device} prompt(s) x G={G}, "
-                f"care={cfg.use_care}, device={device}")
+                f"consistency reward {cfg.consistency_reward}, KL {arm_kl(cfg)}, device={device}")
     counters = saved.get("counters", {})  # carried through resume, like the weights
     skips, nonfinite_steps = budgets.SkipLog(**counters.get("skips", {})), counters.get("nonfinite_steps", 0)
     writer = logs.tensorboard_writer(out, cfg.report_to == "tensorboard")
@@ -340,28 +409,36 @@ def main(argv: list[str] | None = None):
         # --- rewards: accuracy + format ---
         acc, fmt = base_rewards(rollouts, examples, G)  # (B, G) each
 
-        # --- CARE bonus: accurate samples whose answer the EMA reference, given the reasoning, finds likely ---
-        ref_logps = reference_logprobs(ref, rollouts, cfg.logprob_chunk) if ref is not None else None  # B x (G, T)
-        conf = bonus = None  # plain GRPO
-        if cfg.use_care:
-            conf = answer_confidences(rollouts, ref_logps, processor, cfg.confidence_upper_bound, G)  # (B, G)
-            bonus = consistency_bonus(acc, conf, cfg.bonus_coefficient, cfg.consistency_margin)  # (B, G)
+        # --- reference: the samples' log-probs (CARE, DenseCons, a KL), its capped answer confidence from them ---
+        reads = cfg.consistency_reward in ("care", "dense") or has_kl(cfg)
+        ref_logps = reference_logprobs(ref, rollouts, cfg.logprob_chunk) if reads else None  # B x (G, T)
+        conf = answer_confidences(rollouts, ref_logps, processor, cfg.confidence_upper_bound, G) \
+            if reads else None  # (B, G)
+        regenerated = regenerated_accuracy(ref, rollouts, examples, processor, cfg.seed, step, G, cfg.max_new_tokens,
+                                           cfg.temperature, cfg.top_p) if cfg.consistency_reward == "refgen" else None
+
+        # --- consistency reward (the arm's): CARE's sparse bonus, DenseCons, RefGen or none (zeros) ---
+        bonus = consistency_reward(cfg.consistency_reward, acc, conf, regenerated, cfg.bonus_coefficient,
+                                   cfg.consistency_margin)  # (B, G)
 
         # --- advantages: each reward relative to its group ---
         rewards = total_reward(acc, fmt, bonus)  # (B, G)
         advantages = group_advantages(rewards)  # (B, G)
         t_ref, t0 = time.perf_counter() - t0, time.perf_counter()
 
-        # --- update: mu clipped policy-gradient steps on this rollout ---
-        update = policy_update(policy, optimizer, rollouts, advantages, ref_logps if cfg.beta > 0 else None,
-                               cfg.num_iterations, cfg.clip_eps, cfg.beta, cfg.max_grad_norm, cfg.logprob_chunk)
+        # --- update: mu clipped policy-gradient steps on this rollout, the KL weighted as the arm says ---
+        kl_weights = sample_kl_weights(rollouts, acc, processor, cfg.beta, cfg.kl_on, cfg.sep_kl_answer_coef) \
+            if has_kl(cfg) else None  # B x (G, T)
+        update = policy_update(policy, optimizer, rollouts, advantages, ref_logps if has_kl(cfg) else None,
+                               cfg.num_iterations, cfg.clip_eps, cfg.beta, cfg.max_grad_norm, cfg.logprob_chunk,
+                               kl_weights)
         scheduler.step()
         nonfinite_steps += update["nonfinite"]
         if update["nonfinite"]:  # every rank sees the same all-reduced norm, so all skip together
             rank0_print(f"step {step + 1}: non-finite loss or gradient norm ({update['grad_norm']}), update skipped")
 
         # --- EMA: the reference moves toward the policy every ref_ema_every steps ---
-        if cfg.use_care and (step + 1) % cfg.ref_ema_every == 0:
+        if ema_reference(cfg) and (step + 1) % cfg.ref_ema_every == 0:
             ema_update_(ref.parameters(), policy.parameters(), cfg.ref_ema_decay)
         t_upd = time.perf_counter() - t0
 

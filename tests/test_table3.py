@@ -2,11 +2,15 @@
 KL-EMA-HA, SepKL-EMA-HA) and the consistency rewards (DenseCons, RefGen); RefGen's reasoning prefix and its
 seeded answer regeneration on the toy Qwen2.5-VL."""
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
 from torch.testing import assert_close
 
+import grpo_care
+from config import ConfigError
 from data import Collator, load_examples
 from grpo_care import kl_token_weights, policy_loss
 from rewards import accurate_samples, dense_consistency_reward, refgen_consistency_reward
@@ -130,3 +134,45 @@ def test_regenerate_answers_is_seeded_per_sample(toy_model, reasoned):
     others = [regenerate_answers(model, reasoned, n, [s, 2, 3 + s], processor, **kw) for s in (10, 11, 12)]
     assert any(o[0] != out[0] for o in others) and any(o[2] != out[2] for o in others)  # other seeds, other samples
     assert "</think>" not in out[0] + out[2]  # the text after the sample's own reasoning
+
+
+# --- the README's table: every row parses to the arm it names ------------------------------------
+ARMS = {  # the paper's name -> (consistency reward, KL weighs something, KL on, SepKL, the reference moves (EMA))
+    "GRPO": ("none", True, "all", None, False), "KL-EMA": ("none", True, "all", None, True),
+    "KL-EMA-HA": ("none", True, "accurate", None, True), "SepKL-EMA-HA": ("none", True, "accurate", 0.04, True),
+    "noKL": ("none", False, "all", None, False), "DenseCons": ("dense", False, "all", None, True),
+    "RefGen": ("refgen", False, "all", None, True), "GRPO-CARE": ("care", False, "all", None, True),
+}
+
+
+def test_readme_table3_rows_select_their_arm():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rows = dict(re.findall(r"^\| ([\w-]+) \| `(--[^`]+)` \|$", readme, re.MULTILINE))
+    assert list(rows) == list(ARMS), "one row per Table 3 arm, in the paper's order"
+    for name, flags in rows.items():
+        cfg = grpo_care.parse_config(flags.split())
+        got = (cfg.consistency_reward, grpo_care.has_kl(cfg), cfg.kl_on, cfg.sep_kl_answer_coef,
+               grpo_care.ema_reference(cfg))
+        assert got == ARMS[name], name
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--kl_on", "accurate"], "there is none: set --beta > 0"),
+    (["--consistency_reward", "none", "--kl_reference", "ema"], "there is none: set --beta > 0"),
+    (["--beta", "0.04"], "--kl_reference initial: --consistency_reward care moves the one reference model"),
+    (["--consistency_reward", "sparse"], "--consistency_reward 'sparse': must be care, dense, refgen or none"),
+    (["--sep_kl_answer_coef", "-1", "--beta", "0.1", "--kl_reference", "ema"], "--sep_kl_answer_coef -1.0: must be"),
+])
+def test_arm_flag_errors(flags, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        grpo_care.parse_config(flags)
+
+
+def test_consistency_reward_per_arm():
+    acc, conf, regen = torch.tensor([[1.0, 1.0, 0.0]]), torch.tensor([[0.9, 0.5, 0.8]]), torch.tensor([[0.0, 1.0, 1.0]])
+    arm = lambda name: grpo_care.consistency_reward(name, acc, conf, regen, 0.5, 0.0)  # noqa: E731
+    # care: accurate {0, 1}, level (0.9 + 0.5) / 2 = 0.7: only sample 0 is confident -> 0.5 * 1
+    assert_close(arm("care"), torch.tensor([[0.5, 0.0, 0.0]]))
+    assert_close(arm("dense"), torch.tensor([[0.45, 0.25, 0.0]]))  # 0.5 * acc * conf
+    assert_close(arm("refgen"), torch.tensor([[0.0, 0.5, 0.5]]))  # 0.5 * regenerated accuracy
+    assert_close(arm("none"), torch.zeros(1, 3))
