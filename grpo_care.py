@@ -44,6 +44,7 @@ from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 from transformers import AutoProcessor, get_cosine_schedule_with_warmup
 
+import refgen
 import rollout
 import toy
 from data import Collator, check_media_dirs, load_examples, step_examples
@@ -268,20 +269,6 @@ def answer_confidences(rollouts: list, ref_logps: list, tokenizer, upper_bound: 
     return torch.stack(conf) if conf else torch.zeros(0, G)
 
 
-def regenerated_accuracy(ref, rollouts: list, examples: list[dict], tokenizer, seed: int, step: int, G: int,
-                         max_new_tokens: int, temperature: float, top_p: float) -> torch.Tensor:
-    """RefGen's (B, G): the accuracy of the answer the reference samples after each sample's reasoning (0 for a
-    sample without `</think>`). Seeded per (run seed, step, sample id, g), like the rollouts."""
-    acc = []
-    for ro, ex in zip(rollouts, examples):
-        prefix = rollout.reasoning_prefix_lengths(ro.completion_ids, tokenizer, ro.completion_mask)  # (G,)
-        seeds = [rollout.row_seed(sample_seed(seed, step, f"refgen/{ex['id']}"), g) for g in range(G)]
-        texts = rollout.regenerate_answers(ref, ro, prefix, seeds, tokenizer, max_new_tokens, temperature, top_p)
-        ro.vision_calls += 1
-        acc.append(accuracy_reward([t or "" for t in texts], [ex["solution"]] * G, [ex["problem_type"]] * G))
-    return torch.tensor(acc).view(-1, G)
-
-
 def consistency_reward(arm: str, accuracy, confidence, regenerated, coef: float, margin: float) -> torch.Tensor:
     """(B, G): the arm's consistency reward (`confidence`, `regenerated`: (B, G), or None where the arm needs none)."""
     return {"care": lambda: consistency_bonus(accuracy, confidence, coef, margin),
@@ -414,7 +401,7 @@ def main(argv: list[str] | None = None):
         ref_logps = reference_logprobs(ref, rollouts, cfg.logprob_chunk) if reads else None  # B x (G, T)
         conf = answer_confidences(rollouts, ref_logps, processor, cfg.confidence_upper_bound, G) \
             if reads else None  # (B, G)
-        regenerated = regenerated_accuracy(ref, rollouts, examples, processor, cfg.seed, step, G, cfg.max_new_tokens,
+        regenerated = refgen.regenerated_accuracy(ref, rollouts, examples, processor, cfg.seed, step, G, cfg.max_new_tokens,
                                            cfg.temperature, cfg.top_p) if cfg.consistency_reward == "refgen" else None
 
         # --- consistency reward (the arm's): CARE's sparse bonus, DenseCons, RefGen or none (zeros) ---

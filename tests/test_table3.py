@@ -14,7 +14,8 @@ from config import ConfigError
 from data import Collator, load_examples
 from grpo_care import kl_token_weights, policy_loss
 from rewards import accurate_samples, dense_consistency_reward, refgen_consistency_reward
-from rollout import Rollout, completion_mask, reasoning_prefix_lengths, regenerate_answers
+from refgen import reasoning_prefix_lengths, regenerate_answers
+from rollout import Rollout, completion_mask
 
 MASK = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])  # 3 and 2 completion tokens
 ANSWER = torch.tensor([[0, 0, 1, 0], [0, 1, 0, 0]])  # the graded answer's span: token 2, token 1
