@@ -1,49 +1,18 @@
-"""Training and evaluation records (SEED-Bench-R1 and Video-R1), the reference prompt, and
-video/image loading into model inputs.
-
-One code path reads the real data and the toy world (`toy.py`). The format is told by the file:
-rows carrying `problem_id`/`problem_type` are Video-R1, anything else SEED-Bench-R1.
-
-* SEED-Bench-R1: `--data_root` holds `annotations/*.jsonl`, `videos/<video_source>/<video_basename>`
-  and `images/<video_source>/<current_observation_basename>`. Every question is multiple choice.
-* Video-R1 (Video-R1-260k.json and the general benchmarks' `Evaluation/eval_<name>.json`): a JSON
-  list, or JSON lines, of {problem_id, problem, data_type (image|video), problem_type (multiple
-  choice|numerical|OCR|free-form|regression), options ("A. ..." strings), solution
-  ("<answer>...</answer>"), path ("./..." relative to `--data_root`), process?, data_source?}.
-  Image and video rows mix freely in one file. An example keeps `solution` as the text inside
-  <answer></answer>, `options` as given (lettered strings, [] when not multiple choice), `domain`
-  = data_source, and `cot` = `process` without its <think></think> wrapper (SEED-Bench-R1's `cot`
-  is bare reasoning too; sft.py adds the tags).
+"""Training and evaluation records (SEED-Bench-R1 and Video-R1), the reference prompt, and video/image loading
+into model inputs. One code path reads the real data and the toy world; the format is told by the file's rows
+(rows with `problem_id`/`problem_type` are Video-R1, anything else SEED-Bench-R1).
 
     examples = load_examples(root / "annotations/training_6k.jsonl", root, seed=0, epoch=0)
     examples = load_examples(root / "Video-R1-260k.json", root)
     batch, kept = Collator(processor, VisionSpec())(examples)      # left-padded model inputs
 
-Training rows of SEED-Bench-R1 get 3 distractors sampled from `negative_answers` plus `answer`,
-shuffled by a generator seeded with (seed, epoch, sample_id): the same run sees the same options
-whatever the process count, and a new epoch reshuffles deterministically (`shuffle_options=False`:
-alphabetical order instead, the toy's setting, see toy.py). Validation rows keep
-`choice_a`…`choice_d` in file order with `golden_choice_idx`; a row is a validation row when its
-file is named `validation*` (`split_of`), never by its fields. Every row is checked when the file
-is read (`check_seed_row`): a malformed row raises DataError "<file>:<line>: <field>: <problem>". Video-R1 options stay in file order,
-as in the reference.
-
-Departures from the reference code, and why:
-* it shuffles with the global `random` module (options depend on process count and call order);
-  we seed per sample so runs are reproducible and resumable.
-* a missing or corrupt video/image there crashes the step (or qwen-vl-utils silently falls back to
-  another reader); here the sample is skipped with one warning naming the file and counted in
-  `Collator.skipped` (with the file and reason in `Collator.failures`), never replaced by another
-  sample. A zero-byte file is reported as such, and a bad image as the image, not as the video.
-* video time positions: the processor gets each video's sampled fps (`video_metadata`), so
-  Qwen2.5-VL's temporal position ids advance with real seconds (`second_per_grid_ts` =
-  2 frames / sampled fps), in generation and in every log-prob pass. The reference's training
-  passes no fps (its processor assumes 2 fps: 1.0 s per grid step whatever the clip's length) and
-  drops `second_per_grid_ts` from its log-prob forward; its evaluation (vLLM) passes the true fps.
-  We follow the model's design and keep training and evaluation alike. With 16 frames at most, a
-  60 s clip steps 15 position ids per grid step here, 2 in the reference's training.
-* per-frame video budget: 128*28*28 px exactly; the reference's qwen-vl-utils settings end at
-  int(1.05 * 128*28*28) = 105,369 px, which rounds to the same frame size in most cases.
+SEED-Bench-R1: `annotations/*.jsonl`, `videos/<video_source>/<video_basename>`, `images/<video_source>/
+<current_observation_basename>`; training rows get 3 distractors from `negative_answers` plus `answer`, shuffled by
+a generator seeded with (seed, epoch, sample_id); validation rows (files named `validation*`) keep `choice_a`..
+`choice_d` in order. Video-R1: a JSON list or JSON lines of {problem_id, problem, data_type, problem_type, options,
+solution, path, process?, data_source?}. Every row is checked when read: a malformed row raises DataError
+"<file>:<line>: <field>: <problem>". Unreadable media are skipped and counted (Collator.failures), never replaced.
+Departures from the reference: DEPARTURES.md.
 """
 from __future__ import annotations
 

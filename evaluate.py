@@ -1,79 +1,18 @@
-"""Evaluation: SEED-Bench-R1 (L1/L2/L3 accuracy, L3 per domain, the consistency rate) and the six
-general video benchmarks of the paper's transfer table.
-
-Given any `save_pretrained` checkpoint (Qwen2.5-VL-7B-Instruct, one of ours, the toy) it answers every
-validation question of the chosen levels and writes to `--output_dir`:
-predictions.jsonl (one line per sample), results.json (the summary) and results.md (the table).
+"""Evaluation: SEED-Bench-R1 (L1/L2/L3 accuracy, L3 per domain, the consistency rate) and the six general video
+benchmarks of the paper's transfer table, for any `save_pretrained` checkpoint.
 
     python evaluate.py --model_path P --data_root D [--levels L1 L2 L3] [--max_samples N] [--output_dir O]
     accelerate launch --num_processes 8 evaluate.py ...      # samples i with i % world == rank; rank 0 writes
     python evaluate.py --model_path toy/model --data_root toy/data --toy   # toy media sizes + rule consistency
     python evaluate.py --model_path P --data_root D --benchmark vsibench videommmu mmvu mvbench tempcompass videomme
 
-Scores, per level and per L3 domain:
-* strict accuracy: the reference's scorer. The prediction is the stripped text inside the first
-  <answer></answer> (or the whole stripped output when there is none) and must equal the gold letter.
-* lenient accuracy: the older SEED-Bench-R1 scorer's idea: the first standalone A-D inside the answer
-  tag (any case), else the first standalone upper-case A-D anywhere in the output (lower case "a" is
-  an English article there).
-* format rate (rewards.format_reward), mean completion length in tokens.
-* consistency: for each response with reasoning (<think>) and a strict answer letter, a judge (judge.py)
-  says whether the reasoning supports the answer: by default the paper's protocol (it reads question,
-  options, reasoning and answer: yes/no), `--judge_protocol picks` the option-picking one. Rates over the
-  judged responses (`n_judged`; `n_unjudged` had no valid verdict) and over the correct ones. The judge is
-  `--judge_model` (a checkpoint; by default the evaluated model itself) or, with `--judge_api_base`, the
-  model `--judge_model` of an OpenAI-compatible endpoint. Judging runs after generation over the whole
-  selection, so a resume with another judge re-judges everything (an API judge's replies are cached).
-* toy only (`--toy`): rule consistency. The toy reasoning says "... so the next step is to <action>.";
-  the option whose text is that action is the one it implies. Reasoning that names no option
-  implies none and counts as inconsistent (it does not support the answer given). Per teacher-flaw
-  class (toy.flaw_class: orange, slip, clean), `flaw_classes` breaks the rows down into right/wrong
-  reasoning x right/wrong answer; "wrong reasoning, right answer" is right for the wrong reason.
-
-General benchmarks (`--benchmark`): VSI-Bench, VideoMMMU, MMVU, MVBench, TempCompass, VideoMME, read
-from the reference's Video-R1-format eval files `DATA_ROOT/Evaluation/eval_<name>.json` (media paths
-"./Evaluation/..." relative to DATA_ROOT), prompted as in training (data.py). The prediction is the
-answer-tag text, else the whole stripped output (the reference's fallback). Multiple choice scores exact
-match, numerical the rule of rewards.score_answer; VSI-Bench's regression questions score the mean
-relative accuracy (MRA): the fraction of thresholds 0.50, 0.55, ..., 0.95 at which the relative error is
-< 1 - threshold. Per benchmark: `score` (mean over all questions, the reference's mean_rewards),
-`accuracy` (all but regression, its mean_acc) and `mra` (regression only, its mean_mra). No judge here.
-
-Decoding: plain greedy, up to 1,024 new tokens, batch 4, video at 2 fps up to 16 frames on SEED-Bench-R1
-and 32 on the general benchmarks, as the reference's scripts/eval_seed_bench_r1.sh and
-eval_general_video_bench.sh pass --fps_max_frames (`--max_frames` overrides; results.json records the
-vision settings and the decoding of each level or benchmark). The reference
-(TencentARC/GRPO-CARE src/eval_bench.py) samples in vLLM with temperature 0.1 and top-p 0.001: top-p
-0.001 keeps only the most likely token unless two tie, so it is greedy decoding with a random tie
-break; we drop the randomness. We also pass the generation config explicitly (no repetition penalty,
-no top-k), as vLLM's explicit SamplingParams do, instead of the checkpoint's generation_config.json.
-Left padding is masked, so a sample's logits do not depend on its batch up to float rounding (tests
-check it) and 1 and N processes give the same results.json (tested on the toy). Rounding can still flip
-a near-tie of greedy decoding (bf16 kernels vary with batch shape); --batch_size 1 rules that out.
-`--video_r1_mmvu` reproduces eval_bench.py's MMVU decoding for checkpoints with "Video-R1" in their path
-(its own general-domain CARE checkpoint, ...-Margin0.01-Video-R1/checkpoint-1000, is scored so):
-sampled at temperature 1, top-p 0.95, up to 768 new tokens. Each process seeds torch with its rank, so
-the same command samples the same; another batch size, process count or a resume samples differently.
-
-Departures from the reference and why:
-* transformers `generate` instead of vLLM: one code path for every checkpoint, CPU included.
-* MMVU is greedy for every checkpoint unless --video_r1_mmvu: the reference switches to sampling when
-  "Video-R1" is in the model path, so a renamed directory would change its scores.
-* a sample whose media cannot be read is skipped and counted (data.Collator), and retried by a resume;
-  skipped samples are outside the accuracy denominators. The reference, on any error in a batch, sets
-  "<answer>error</answer>" for it and then `continue`s: the whole batch of 4, readable samples
-  included, drops out of its results and means, and its resume (start_idx = len(results)) then starts
-  4 samples too early per dropped batch: the last ones it scored are scored twice, the dropped never.
-* resuming is per sample ((level, id, prompt id) already in predictions.jsonl), not per position.
-* the reference scores no consistency; the paper's judge is GPT-4.1; here any local checkpoint or endpoint.
-* the prompt is the training prompt (data.py); the reference's eval script words the think instruction
-  slightly differently ("between the <think> and </think> tags").
-* MRA: the definition's strict "<", in exact rational arithmetic on the numbers as written (the relative
-  error and 1 - threshold = (10 - i) / 20). The reference compares in float32, where an error exactly on
-  a threshold passes or fails by rounding (relative error 0.05: 21 vs 20 passes at 0.95, 3.15 vs 3
-  fails; float64 would pass 3.15 vs 3, 2.85 vs 3 and 0.9 vs 1 at one threshold too many); here it never
-  passes. Truth 0: 1 for an exact 0 (the reference's +1e-8 denominator also passes a prediction of 1e-10).
-* OCR and free-form questions, where an eval file has any, get their graded reward; the reference gives 0.
+Writes predictions.jsonl (one line per sample; a rerun resumes per sample), results.json and results.md.
+Scores per level and L3 domain: strict accuracy (the reference's: the answer tag's stripped text equals the
+letter), lenient accuracy (the first standalone A-D), format rate, length, and consistency: after generation a
+judge (judge.py: a checkpoint, by default the evaluated model, or an OpenAI-compatible endpoint) says whether
+the reasoning supports the answer (the paper's protocol; --judge_protocol picks: the answer hidden, it picks an
+option). With --toy, rule consistency (the option the toy reasoning names) per teacher-flaw class. Decoding is greedy, 1,024 new tokens,
+as the reference's scripts; left padding is masked, so 1 and N processes agree. Departures: DEPARTURES.md.
 """
 from __future__ import annotations
 

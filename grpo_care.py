@@ -1,33 +1,17 @@
-"""GRPO-CARE training: the config, the core math of the update, and one straight loop.
+"""GRPO-CARE training: the core math of the update, the config, and one straight loop.
 
     ./train.sh                                   # toy world, CPU, a few minutes
     accelerate launch grpo_care.py --model_path Qwen/Qwen2.5-VL-7B-Instruct --data_root SEED-Bench-R1
     accelerate launch --config_file configs/fsdp_8gpu.yaml grpo_care.py ...   # one node, 8 GPUs
 
 One step: each process samples G completions for each of its `prompts_per_device` prompts, scores them
-(accuracy + format + CARE's consistency bonus from the EMA reference), turns the rewards into
-group-relative advantages and takes `num_iterations` clipped policy-gradient steps; every `ref_ema_every`
-steps the EMA reference moves toward the policy. Each step appends a line to metrics.jsonl and, per
-sample, one to completions.jsonl (text, rewards, confidence, bonus, advantage: what the update used).
-The machinery (FSDP2 loading, checkpoints and exact resume, run-dir and flag checks, the skip budget) is
-in distributed.py, checkpoints.py, config.py, budgets.py and logs.py; the same code runs for 1 process and N.
-
-Departures from the paper / reference code (TencentARC/GRPO-CARE), and why:
-- The EMA reference is held in fp32 (the reference lerps in bf16, where small updates vanish).
-- The reference re-encodes the video for each of the G samples in every pass and builds logits over the
-  prompt; here vision runs once per prompt per set of weights, and only completion log-probs are formed.
-- Sampling is seeded per (run seed, step, sample id): rollouts depend neither on how prompts are spread
-  over processes nor on a resume. CARE's group statistics are per group (rewards.py).
-- The policy loss keeps PPO's clip, inactive at `num_iterations=1` (the reference). No length bonus, as
-  the reference's SEED-Bench-R1 scripts (`--len_control false`).
-
-Core math, as pure functions (tensors or plain numbers in and out, no model, no config):
-- `policy_loss`: the clipped GRPO surrogate with optional k3 KL; with `old_logps = logps.detach()` exactly
-  the reference's loss. The reference clamps `ref - logp` to [-10, 10] inside the KL; here it is the plain
-  k3 estimator. An all-masked row counts as zero (the reference would divide by 0).
-- `ema_update_`: the EMA reference update, shard-local under FSDP2.
-- `group_sums`, `step_metrics`: a step's named sums, and the metrics.jsonl ratios made from them.
-The rewards, the bonus and the advantages are rewards.py's.
+(accuracy + format + a consistency reward, by default CARE's bonus from the EMA reference), turns the rewards
+into group-relative advantages and takes `num_iterations` clipped policy-gradient steps; every `ref_ema_every`
+steps the EMA reference moves toward the policy. Each step appends a line to metrics.jsonl and, per sample, one
+to completions.jsonl (text, rewards, confidence, bonus, advantage: what the update used). Each arm of the
+paper's Table 3 is a set of flags (README). Core math as pure functions: `kl_token_weights` (the KL arms),
+`policy_loss`, `ema_update_` (rewards: rewards.py); then the step's metrics, the config, the phases, `main`. The machinery is distributed.py, checkpoints.py, config.py, budgets.py
+and logs.py; the same code runs for 1 process and N. Departures from the reference: DEPARTURES.md.
 """
 from __future__ import annotations
 
@@ -114,6 +98,11 @@ def policy_loss(logps, old_logps, advantages, mask, clip_eps=0.2, ref_logps=None
     return loss, stats
 
 
+def ema_due(step: int, every: int) -> bool:
+    """Whether the EMA reference moves after 0-based `step`: after every `every`-th step (the reference's schedule)."""
+    return (step + 1) % every == 0
+
+
 @torch.no_grad()
 def ema_update_(ema_params, params, decay):
     """In place, `ema <- decay * ema + (1 - decay) * theta`, parameter by parameter.
@@ -130,6 +119,9 @@ def ema_update_(ema_params, params, decay):
         p = p.to_local() if isinstance(p, DTensor) else p
         assert ema.shape == p.shape, f"EMA shard {tuple(ema.shape)} vs param shard {tuple(p.shape)}"
         ema.lerp_(p.to(ema.dtype), 1.0 - decay)
+
+
+# --- the step's metrics: named sums per process, summed over processes, then the metrics.jsonl line ---
 
 
 def group_sums(accuracy, format_, confidence, bonus, rewards, lengths, truncated) -> dict[str, float]:
@@ -425,7 +417,7 @@ def main(argv: list[str] | None = None):
             rank0_print(f"step {step + 1}: non-finite loss or gradient norm ({update['grad_norm']}), update skipped")
 
         # --- EMA: the reference moves toward the policy every ref_ema_every steps ---
-        if ema_reference(cfg) and (step + 1) % cfg.ref_ema_every == 0:
+        if ema_reference(cfg) and ema_due(step, cfg.ref_ema_every):
             ema_update_(ref.parameters(), policy.parameters(), cfg.ref_ema_decay)
         t_upd = time.perf_counter() - t0
 

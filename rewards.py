@@ -1,43 +1,14 @@
-"""Rewards of GRPO-CARE: rule-based accuracy and format, group-relative advantages,
-and the consistency bonus that gives CARE its name.
+"""Rewards of GRPO-CARE: rule-based accuracy and format, group-relative advantages, and the consistency bonus
+that gives CARE its name. Pure functions of tensors and strings.
 
-The two-tier reward of the paper (GRPO-CARE, TencentARC) is
+    r = accuracy + format + bonus,    bonus = coef * accuracy  if the sample is accurate (accuracy > 0.1 and
+                                      >= its group's mean) and the EMA reference, reading the sampled reasoning,
+                                      is about as confident in its answer as in the group's other accurate ones
 
-    r = accuracy + format + bonus,    bonus = coef * accuracy  if the sample is
-                                      accurate *and* its answer is as likely under the
-                                      slowly moving (EMA) reference model as the
-                                      group's other accurate answers, else 0.
-
-The bonus rewards reasoning that *leads* to the answer: a reference model that reads
-the sampled reasoning should find the answer likely. Plain GRPO is `bonus=None`.
-
-Departures from the reference code (src/r1-v/src/open_r1/{grpo.py,trainer/grpo_trainer_ref_ema.py}):
-- Group statistics of the bonus (mean accuracy, reference confidence level) are taken
-  per group, explicitly. The reference takes them over whatever sits on one device,
-  which is one group only because it runs one prompt per device.
-- A row with no answer token gets confidence 0. The reference divides by
-  `mask.sum() + 1e-6`, so an empty span gets exp(0) = 1, i.e. maximal confidence.
-- The bonus's group means are clamped to the largest value they average: in float32 the
-  mean of G equal values can land one ulp above them (seven 0.9s, twenty-four 0.95s),
-  and then no sample of an all-capped group (the cap makes ties common) would count as
-  confident. The reference has this float trap.
-- An all-equal group gets exactly zero advantage (the reference gives float noise / eps).
-- No length bonus, as the released SEED-Bench-R1 runs (their scripts pass `--len_control false`;
-  grpo.py's default would add +0.2 for accurate answers of 320-512 tokens).
-
-Accuracy by problem type (`score_answer`; SEED-Bench-R1 is all multiple choice, Video-R1 mixes five),
-with the reference's semantics and these departures:
-- regression with truth 0: 1 for an exact 0, else 0 (relative error is undefined at 0). The
-  reference's `(|d| + 1e-9) / (|truth| + 1e-9)` gives 0 even to an exact 0, and 1 - 1e-9/|truth|
-  instead of 1 to any exact hit; here an exact hit scores exactly 1.
-- numerical: inf/nan give 0 on either side (the reference checks only the prediction).
-- the reference scores a whole batch with the type of its first sample (harmless there: one
-  prompt per device); here each completion carries its own type.
-- OCR's word edit distance is nltk's `edit_distance` (the same Levenshtein count as the
-  reference's own loop); free-form uses the `rouge-score` package, as the reference.
-- a completion with no complete answer tag scores 0 for every type. The reference reads it as the
-  answer "", which differs only where the gold answer is empty too: for OCR, WER("", "") = 0 gives it
-  1.0 (harmless: no real transcription or option letter is empty).
+The bonus rewards reasoning that leads to the answer: a reference model that reads the reasoning should find the
+answer likely. Plain GRPO is `bonus=None`. Accuracy is graded per problem type (`score_answer`: SEED-Bench-R1 is
+all multiple choice; Video-R1 mixes multiple choice, numerical, OCR, free-form and regression) with the
+reference's semantics. Departures from the reference: DEPARTURES.md.
 """
 
 import functools

@@ -4,23 +4,12 @@
     accelerate launch sft.py --model_path Qwen/Qwen2.5-VL-7B-Instruct --data_root SEED-Bench-R1
     accelerate launch --config_file configs/fsdp_8gpu.yaml sft.py ...   # one node, 8 GPUs
 
-Each row of `annotations/training_with_cot_6k.jsonl` becomes the training prompt (data.py: same
-options, same shuffle, same media) followed by the target `<think>{cot}</think><answer>{X}</answer><|im_end|>`,
-where X is the letter at which the CoT's chosen option (`cot_answer`, else `answer`) lands in this
-epoch's shuffled options. A Video-R1 file (rows with `process`) works too: X is its solution. The loss is
-the mean cross-entropy over target tokens only (prompt: -100); <|im_end|> is a target, so the model learns
-to stop. Config base, FSDP2 loading and run-dir checks are config.py's, distributed.py's, checkpoints.py's, the data split grpo_care.py's: step s
-takes rows [s*B*world, (s+1)*B*world) of the epoch's order, this rank every world-th. The result is a
-`save_pretrained` directory (model + processor) in --output_dir.
-
-Departures, and why:
-- The vision tower runs once per batch on images and videos together (rollout.encode_vision), not once
-  per modality: under FSDP2 every tower call is a set of collectives, and a rank whose batch happens to
-  hold no video would make one call fewer than the others and abort the run (gloo: "collective mismatch").
-- Each rank averages over its own target tokens and FSDP averages the ranks (mean of per-rank means).
-- No intermediate checkpoints or resume: SFT here is one short pass.
-- A row with no reasoning (empty `cot`, or Video-R1's `process`) is skipped and reported, not fatal;
-  a used --output_dir is refused unless --overwrite_output_dir true.
+Each row of `annotations/training_with_cot_6k.jsonl` becomes the training prompt (data.py: same options, same
+shuffle, same media) followed by `<think>{cot}</think><answer>{X}</answer><|im_end|>`, X the letter at which the
+CoT's chosen option (`cot_answer`, else `answer`) lands in this epoch's options; a Video-R1 file (rows with
+`process`) works too. The loss is the mean cross-entropy over target tokens only; <|im_end|> is a target, so the
+model learns to stop. Step s takes rows [s*B*world, (s+1)*B*world) of the epoch's order, this rank every
+world-th, as grpo_care.py. The result is a `save_pretrained` directory in --output_dir. Departures: DEPARTURES.md.
 """
 from __future__ import annotations
 

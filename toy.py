@@ -1,43 +1,17 @@
-"""The toy world: a tiny but real Qwen2.5-VL and a data set in the exact SEED-Bench-R1 layout.
+"""The toy world: a tiny but real Qwen2.5-VL and a data set in the exact SEED-Bench-R1 layout, built offline.
 
-Nobody can download Qwen2.5-VL-7B or SEED-Bench-R1 on a CPU-only CI machine, yet every code path
-(the transformers classes, the processor and chat template, qwen-vl-utils + decord video decoding,
-FSDP2) must be the one that trains them. So this file builds, from nothing and offline:
+    python toy.py --out DIR [--seed 0] [--n_train 240] [--n_val 200] [--force]
 
-* a `Qwen2_5_VLForConditionalGeneration` with a tiny config (real patch 14, merge 2, temporal
-  patch 2), a `Qwen2TokenizerFast` trained here on the toy corpus with Qwen's special tokens, and a
-  `Qwen2_5_VLProcessor` whose chat template is Qwen2.5-VL-Instruct's, saved with
-  `save_pretrained` to `DIR/model`;
-* `DIR/data/{annotations,videos,images}` laid out like SEED-Bench-R1, where the right next action
-  is decidable from the pixels: the current-observation image shows one coloured object on a
-  background and the answer is "<verb> the <colour> <object>"; the distractors differ only in
-  the colour (four colours, so every question shows all four). The progress video shows the
-  objects already handled. Levels: L1 = training distribution (EpicKitchens, grey kitchens);
-  L2 = new environment (other background palette, object elsewhere in the frame); L3 = Ego4D,
-  new tasks, four domains.
-* `training_with_cot_6k.jsonl`, the SFT warm start's rows: reasoning (`cot`) that names the colour
-  cue and "so the next step is to <action>.", and the option it answers (`cot_answer`). The
-  teacher has three systematic flaws, each in a set fraction of the rows it can touch (`cot_flaw`
-  labels each row, a toy-only field):
-  - "misread": it reads orange as red and answers red (COT_MISREAD of the orange rows: consistent
-    but wrong);
-  - "lucky": it reads orange as red, reasons to red's action, yet answers the right, orange option
-    (COT_LUCKY of the orange rows: right for the wrong reason, the paper's GRPO failure; its example
-    answers "hit ball with club" while the reasoning argues for "move the ball to the tee");
-  - "inconsistent": in "wash the dishes" rows its answer slips to the next letter after reasoning
-    that names the right action (COT_INCONSISTENT of them).
-  The warm-started model's greedy answers inherit the flaws while its samples still hold the right
-  behaviour some of the time: RL has work to do. Outcome-only GRPO can raise orange accuracy by
-  growing either the clean or the lucky samples; only a reward that reads the reasoning (CARE's
-  reference confidence: after red reasoning the teacher mostly answered red) prefers the clean ones.
-  `flaw_class` names the class of a validation row by the flaws the teacher applies to such rows.
-
-Departures from SEED-Bench-R1, toy only: options are listed in alphabetical order (the toy runs
-with `--shuffle_options false`, validation rows are written that way), so each colour has one
-letter; a 64-wide model cannot learn to find a shuffled option in minutes of CPU.
-
-Run:  python toy.py --out DIR [--seed 0] [--n_train 240] [--n_val 200] [--force]
-The 7B run uses the same code with `--model_path Qwen/Qwen2.5-VL-7B-Instruct --data_root <SEED-Bench-R1>`.
+`DIR/model`: a `Qwen2_5_VLForConditionalGeneration` with a tiny config (real patch 14, merge 2, temporal patch 2),
+a tokenizer trained here with Qwen's special tokens and Qwen2.5-VL-Instruct's chat template. `DIR/data`: the
+next action is decidable from the pixels (the observation shows one coloured object; the options differ only in
+the colour); L1 = training distribution, L2 = new environment, L3 = Ego4D, new tasks, four domains.
+`training_with_cot_6k.jsonl` is the SFT warm start's teacher, flawed on purpose (`cot_flaw`): it misreads orange
+as red and answers red (COT_MISREAD), or reasons to red's action yet answers orange (COT_LUCKY: right for the
+wrong reason, the paper's GRPO failure), and in "wash the dishes" rows its answer slips to the next letter
+(COT_INCONSISTENT). Outcome-only GRPO can fix the orange answers by growing either the clean or the lucky
+samples; only a reward that reads the reasoning prefers the clean ones. The 7B run is the same code with
+`--model_path Qwen/Qwen2.5-VL-7B-Instruct --data_root <SEED-Bench-R1>`. Toy-only departures: DEPARTURES.md.
 """
 from __future__ import annotations
 

@@ -7,8 +7,11 @@ import pytest
 import torch
 
 from data import Collator, load_examples
-from grpo_care import accumulate_policy_gradients, base_rewards, completion_records, group_sums, policy_loss, step_metrics
+import rollout
+from grpo_care import (accumulate_policy_gradients, base_rewards, completion_records, ema_due, group_sums, policy_loss,
+                       policy_update, step_metrics)
 from rollout import completion_logprobs, encode_vision, generate_groups
+from types import SimpleNamespace
 
 G = 4
 
@@ -120,3 +123,38 @@ def test_base_rewards_and_completion_records(two_groups):
     assert [(x["sample_id"], x["g"]) for x in lines] == [(ex["id"], g) for ex in examples for g in range(G)]
     assert lines[0]["accuracy"] == 1.0 and lines[0]["confidence"] is None and lines[0]["step"] == 5
     assert lines[5]["advantage"] == round(5 / 3, 6) == 1.666667 and lines[2]["text"] == "no tags"
+
+
+def test_ema_is_due_after_every_nth_step():
+    # every 2: after the 2nd, 4th and 6th steps (0-based 1, 3, 5); every 1: after each; every 10: the 10th only
+    assert [ema_due(s, 2) for s in range(6)] == [False, True, False, True, False, True]
+    assert all(ema_due(s, 1) for s in range(3))
+    assert [s for s in range(25) if ema_due(s, 10)] == [9, 19]
+
+
+class _OneWeight(torch.nn.Module):  # a "policy" whose completion log-probs are theta * c_r, row by row
+    def __init__(self, theta):
+        super().__init__()
+        self.theta = torch.nn.Parameter(torch.tensor(theta))
+
+
+def test_policy_update_with_two_iterations_by_hand(monkeypatch):
+    """mu = 2 on one prompt of G = 2 samples (one token each), logp_r = theta * c_r with c = (1, 2), advantages
+    (1, -1), SGD lr 0.1, clip 0.03. Iteration 1 at ratio 1: loss -(1 - 1)/2 = 0, d loss/d theta = -(1*1 - 1*2)/2
+    = 0.5, theta 0 -> -0.05. Iteration 2 against the SAMPLING policy's log-probs (theta 0): ratios
+    exp(-0.05) = 0.951229 (A = 1, below the band but the min keeps the unclipped 0.951229) and exp(-0.1) = 0.904837
+    (A = -1: clipped to -0.97, the pessimistic bound, so clip_frac 1/2 and no gradient from it); loss
+    -(0.9512294 - 0.97)/2 = 0.0093853, gradient -(0.951229 * 1)/2 = -0.4756145, theta -0.05 + 0.04756145 =
+    -0.00243855. The returned loss and clip fraction are the means over the two iterations: 0.0046926, 0.25."""
+    c = torch.tensor([[1.0], [2.0]])  # (G, T)
+    monkeypatch.setattr(rollout, "encode_vision", lambda model, batch: {})
+    monkeypatch.setattr(rollout, "completion_logprobs", lambda model, ro, mm, chunk_size: model.theta * c)
+    policy = _OneWeight(0.0)
+    optimizer = torch.optim.SGD(policy.parameters(), lr=0.1)
+    ro = SimpleNamespace(batch={}, mm={}, vision_calls=0, completion_mask=torch.ones(2, 1))
+    out = policy_update(policy, optimizer, [ro], torch.tensor([[1.0, -1.0]]), None, num_iterations=2, clip_eps=0.03,
+                        beta=0.0, max_grad_norm=100.0, chunk=1)
+    assert policy.theta.item() == pytest.approx(-0.00243855, abs=1e-7)
+    assert out["loss"] == pytest.approx(0.0046926, abs=1e-7)
+    assert out["clip_frac"] == pytest.approx(0.25)
+    assert out["grad_norm"] == pytest.approx(0.4756145, abs=1e-6) and out["nonfinite"] == 0  # the last iteration's

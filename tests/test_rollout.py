@@ -7,9 +7,7 @@ import torch.nn.functional as F
 
 from data import Collator, load_examples
 from rewards import parse_answer
-import rollout as rollout_module
-from rollout import (Rollout, SeededSampler, _decode_mask, _PreallocatedLayer, answer_span_mask, completion_logprobs,
-                     completion_mask, encode_vision, generate_group, generate_groups, select_prompts, token_logprobs)
+from rollout import (Rollout, SeededSampler, answer_span_mask, completion_logprobs, completion_mask, encode_vision, generate_group, generate_groups, select_prompts, token_logprobs)
 
 G = 2
 
@@ -145,42 +143,27 @@ def test_shared_prefill_samples_as_a_full_prefill(rollout, prompts, toy_model):
     # temperature 2: p ** (1/2) = .7071, .5477, .3873, .2236, sum 1.8657 -> .379, .294, .208, .120
     (2.0, 1.0, [0.379, 0.294, 0.208, 0.120]),
 ])
-@pytest.mark.parametrize("candidates", [64, 1])  # 1: the top token's 0.5 < top-p, HF's full warper takes over
-def test_seeded_sampler_samples_the_filtered_softmax(temperature, top_p, expected, candidates):
+def test_seeded_sampler_samples_the_filtered_softmax(temperature, top_p, expected):
     scores = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()  # (1, V)
-    sampler = SeededSampler([0], temperature, top_p, torch.device("cpu"), max_new_tokens=7,  # draws 7 steps at a time
-                            candidates=candidates)
+    sampler = SeededSampler([0], temperature, top_p, torch.device("cpu"), max_new_tokens=7)  # draws 7 steps at a time
     n = 4000  # sd of a frequency near 0.5: sqrt(.25 / 4000) = 0.008
     picks = torch.stack([sampler(None, scores.clone()).argmax(-1) for _ in range(n)])
     freq = torch.bincount(picks.view(-1), minlength=4).float() / n
     torch.testing.assert_close(freq, torch.tensor(expected), atol=0.03, rtol=0)
-    again = SeededSampler([0], temperature, top_p, torch.device("cpu"), max_new_tokens=7, candidates=candidates)
+    again = SeededSampler([0], temperature, top_p, torch.device("cpu"), max_new_tokens=7)
     assert [again(None, scores.clone()).argmax(-1).item() for _ in range(20)] == picks[:20].view(-1).tolist()
 
 
-def test_top_candidates_nucleus_equals_hf_top_p():
-    from transformers import TopPLogitsWarper
-
-    torch.manual_seed(0)
-    scores = torch.randn(6, 50) * 5  # (N, V) peaked enough that 8 candidates hold 0.9 of the mass in every row
-    sampler = SeededSampler([0] * 6, 1.0, 0.9, torch.device("cpu"), max_new_tokens=1, candidates=8)
-    assert (scores.softmax(-1).topk(8).values.sum(-1) >= 0.9).all(), "the fast path is taken"
-    index, in_nucleus = sampler._top(scores)  # (N, 8) each
-    kept = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, index, in_nucleus)  # (N, V)
-    hf = TopPLogitsWarper(0.9)(None, scores)
-    assert torch.equal(~kept, hf.isinf()) and kept.sum(-1).max() > 1, "a nucleus of several tokens"
-
-
-@pytest.mark.parametrize("top_p, candidates", [(0.9, 8), (0.9, 1), (1.0, 8)])  # candidates 1: HF's warper; top-p 1: none
-def test_seeded_sampler_picks_the_full_vocabulary_gumbel_max(top_p, candidates):
+@pytest.mark.parametrize("top_p", [0.9, 1.0])  # 1.0: no top-p warper
+def test_seeded_sampler_picks_the_full_vocabulary_gumbel_max(top_p):
     """Row r's token t is argmax over the vocabulary of HF's top-p scores + Gumbel noise from the t-th row of
-    torch.rand(k, V) of generator r, whichever path computes it; the call returns 0 there and -inf elsewhere."""
+    torch.rand(k, V) of generator r; the call returns 0 there and -inf elsewhere."""
     from transformers import TopPLogitsWarper
 
     torch.manual_seed(0)
-    scores = torch.randn(6, 50) * 5  # (N, V): 8 candidates hold 0.9 of the mass in every row (as above)
+    scores = torch.randn(6, 50) * 5  # (N, V)
     seeds, k = [3, 1, 4, 1, 5, 9], 3  # max_new_tokens 3: each row draws its 3 tokens' noise at once
-    sampler = SeededSampler(seeds, 1.0, top_p, torch.device("cpu"), max_new_tokens=k, candidates=candidates)
+    sampler = SeededSampler(seeds, 1.0, top_p, torch.device("cpu"), max_new_tokens=k)
     u = torch.stack([torch.rand(k, 50, generator=torch.Generator().manual_seed(s)) for s in seeds])  # (N, k, V)
     z = TopPLogitsWarper(top_p)(None, scores) if top_p < 1 else scores
     for t in range(k):
@@ -188,56 +171,6 @@ def test_seeded_sampler_picks_the_full_vocabulary_gumbel_max(top_p, candidates):
         expected = (z - u[:, t].log().neg().log()).argmax(-1)  # (N,)
         assert torch.equal(out.argmax(-1), expected)
         assert (out == 0).sum().item() == 6 and out.isinf().sum().item() == 6 * 49
-
-
-def test_preallocated_layer_equals_a_dynamic_layer():
-    from transformers.cache_utils import DynamicLayer
-
-    prompt = DynamicLayer()
-    keys = torch.arange(12.0).view(2, 1, 3, 2)  # (B=2 prompts, H, L=3, D)
-    prompt.update(keys, -keys)
-    layer = _PreallocatedLayer(prompt, G=2, room=2)  # rows 0, 1: prompt 0; rows 2, 3: prompt 1
-    assert layer.keys.tolist() == [keys[0].tolist(), keys[0].tolist(), keys[1].tolist(), keys[1].tolist()]
-    expected_k, expected_v, buffer = layer.keys, layer.values, layer.keys.data_ptr()
-    for step in range(3):  # the third token is past the room: concatenation takes over
-        new = torch.full((4, 1, 1, 2), 100.0 + step)
-        k, v = layer.update(new, -new)
-        expected_k, expected_v = torch.cat([expected_k, new], 2), torch.cat([expected_v, -new], 2)
-        assert torch.equal(k, expected_k) and torch.equal(v, expected_v) and layer.get_seq_length() == 4 + step
-        assert (k.data_ptr() == buffer) == (step < 2), "in place within the room, a new tensor past it"
-
-
-def test_decode_mask_is_the_padding_mask_hf_builds(toy_model):
-    from types import SimpleNamespace
-
-    from transformers.cache_utils import DynamicCache
-    from transformers.masking_utils import create_causal_mask
-
-    config = toy_model[0].model.language_model.config
-    cache = DynamicCache(config=config)
-    for layer in range(config.num_hidden_layers):
-        cache.update(torch.zeros(2, 2, 2, 16), torch.zeros(2, 2, 2, 16), layer)  # 2 cached positions
-    padded = torch.tensor([[0, 1, 1], [1, 1, 1]])  # row 0 left-padded; the 3rd position: the new token
-    step = dict(attention_mask=padded, past_key_values=cache, inputs_embeds=torch.zeros(2, 1, 64))
-    _, out = _decode_mask(None, (), dict(step))
-    assert out["attention_mask"]["full_attention"].tolist() == [[[[False, True, True]]], [[[True, True, True]]]]
-    hf = create_causal_mask(config=config, inputs_embeds=step["inputs_embeds"], attention_mask=padded,
-                            past_key_values=cache, position_ids=None)
-    assert torch.equal(out["attention_mask"]["full_attention"], hf)
-    _, out = _decode_mask(None, (), dict(step, attention_mask=torch.ones(2, 3, dtype=torch.long)))
-    assert out["attention_mask"] == {"full_attention": None}  # nothing padded: no mask, as HF
-    other = SimpleNamespace(get_seq_length=lambda: 2)
-    for kept in (dict(step, inputs_embeds=torch.zeros(2, 3, 64), past_key_values=other),  # a prefill
-                 dict(step, attention_mask=padded[:, 1:]), dict(step, past_key_values=None)):  # not over the cache
-        assert _decode_mask(None, (), dict(kept))[1]["attention_mask"] is kept["attention_mask"]
-
-
-def test_decode_mask_keeps_the_samples(rollout, prompts, toy_model, monkeypatch):
-    model, processor = toy_model
-    assert (prompts[0]["attention_mask"] == 0).any(), "padded prompts: the mask is built"
-    monkeypatch.setattr(rollout_module, "_decode_mask", lambda module, args, kwargs: (args, kwargs))  # HF's masks
-    hf = generate_group(model, prompts[0], G, processor, max_new_tokens=6, seeds=[11, 12, 13])
-    assert torch.equal(hf.completion_ids, rollout.completion_ids)  # (the mask itself: the test above)
 
 
 def test_min_new_tokens_holds_back_eos(prompts, toy_model):

@@ -225,6 +225,15 @@ def test_bad_flags_fail_at_parse_time(flags, message):
         grpo_care.parse_config(flags)
 
 
+def test_sft_keeps_the_ranges_of_the_settings_it_redefaults():
+    # SFTConfig redeclares learning_rate and max_grad_norm with its own defaults; their ranges are RunConfig's
+    assert sft.parse_config(["--toy", "false"]).learning_rate == 1e-5  # the toy (default without --model_path): 3e-3
+    with pytest.raises(ConfigError, match=r"--learning_rate -1.0: must be >= 0"):
+        sft.parse_config(["--learning_rate", "-1"])
+    with pytest.raises(ConfigError, match=r"--max_grad_norm 0.0: must be > 0"):
+        sft.parse_config(["--max_grad_norm", "0"])
+
+
 def test_resume_with_nothing_to_resume_names_the_flag(toy_world, tmp_path, no_models):
     with pytest.raises(ConfigError, match=r"--resume_from_checkpoint latest: no checkpoint in"):
         grpo_care.main(args(toy_world, tmp_path, "--resume_from_checkpoint", "latest"))
