@@ -160,7 +160,8 @@ def test_plain_grpo_loads_no_reference(toy_world, tmp_path, monkeypatch):
     assert loaded == [True], "only the policy is loaded"
     assert ema_weights(tmp_path / "checkpoint-1") is None
     assert metrics(tmp_path)[0]["bonus_mean"] == 0
-    assert all(c["confidence"] is None and c["bonus"] is None for c in completions(tmp_path).values())
+    # no reference: no confidence (null); no consistency reward: bonus 0 (every arm logs its own, 0 where none)
+    assert all(c["confidence"] is None and c["bonus"] == 0 for c in completions(tmp_path).values())
 
 
 def test_ema_follows_its_schedule(toy_world, tmp_path):
