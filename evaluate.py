@@ -11,8 +11,8 @@ Scores per level and L3 domain: strict accuracy (the reference's: the answer tag
 letter), lenient accuracy (the first standalone A-D), format rate, length, and consistency: after generation a
 judge (judge.py: a checkpoint, by default the evaluated model, or an OpenAI-compatible endpoint) says whether
 the reasoning supports the answer (the paper's protocol; --judge_protocol picks: the answer hidden, it picks an
-option). With --toy, rule consistency (the option the toy reasoning names) per teacher-flaw class. Decoding is greedy, 1,024 new tokens,
-as the reference's scripts; left padding is masked, so 1 and N processes agree. Departures: DEPARTURES.md.
+option). With --toy, rule consistency (the option the toy reasoning names) per teacher-flaw class. Decoding is
+greedy, 1,024 new tokens, as the reference's scripts; left padding is masked, so 1 and N processes agree. Departures: DEPARTURES.md.
 """
 from __future__ import annotations
 
@@ -298,7 +298,8 @@ def main(argv=None):
                    help="supports (default, the paper's): does the reasoning support the answer, yes/no; "
                         "picks: which option does it support, the answer hidden")
     p.add_argument("--judge_timeout", type=float, default=None, help="seconds per API request (default 60)")
-    p.add_argument("--judge_retries", type=int, default=None, help="API retries on timeouts and server errors (default 3)")
+    p.add_argument("--judge_retries", type=int, default=None,
+                   help="API retries on timeouts and server errors (default 3)")
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--max_new_tokens", type=int, default=1024)
     p.add_argument("--fps", type=float, default=2.0)
@@ -322,7 +323,8 @@ def main(argv=None):
     judge = (None if a.benchmark else
              api_judge(a.judge_api_base, a.judge_model, protocol, out / "judge_cache.jsonl", a.judge_timeout or 60.0,
                        3 if a.judge_retries is None else a.judge_retries) if a.judge_api_base else
-             local_judge(*(load_eval_model(a.judge_model, acc.device) if a.judge_model else (model, processor)), protocol))
+             local_judge(*(load_eval_model(a.judge_model, acc.device) if a.judge_model else (model, processor)),
+                         protocol))
     collator = Collator(processor, vision)
     eos = model.generation_config.eos_token_id
     pad = model.generation_config.pad_token_id or processor.tokenizer.pad_token_id
@@ -373,8 +375,9 @@ def main(argv=None):
     summary = summarize(list(latest.values()))
     unjudged = dict(sorted(Counter(r["judge_error"] for r in latest.values() if r.get("judge_error")).items()))
     if unjudged:
-        print(f"judge: {sum(unjudged.values())} sample(s) unjudged ({', '.join(f'{k}: {v}' for k, v in unjudged.items())}); "
-              "not counted as consistent; run the same command again to ask again")
+        reasons = ", ".join(f"{k}: {v}" for k, v in unjudged.items())
+        print(f"judge: {sum(unjudged.values())} sample(s) unjudged ({reasons}); not counted as consistent; "
+              "run the same command again to ask again")
     judge_info = None if a.benchmark else dict(model=a.judge_model or "self", api_base=a.judge_api_base,
                                                protocol=protocol, prompt=PROMPTS[protocol], unjudged=unjudged)
     results = dict(model=a.model_path, judge=judge_info,

@@ -10,8 +10,9 @@ into group-relative advantages and takes `num_iterations` clipped policy-gradien
 steps the EMA reference moves toward the policy. Each step appends a line to metrics.jsonl and, per sample, one
 to completions.jsonl (text, rewards, confidence, bonus, advantage: what the update used). Each arm of the
 paper's Table 3 is a set of flags (README). Core math as pure functions: `kl_token_weights` (the KL arms),
-`policy_loss`, `ema_update_` (rewards: rewards.py); then the step's metrics, the config, the phases, `main`. The machinery is distributed.py, checkpoints.py, config.py, budgets.py
-and logs.py; the same code runs for 1 process and N. Departures from the reference: DEPARTURES.md.
+`policy_loss`, `ema_update_` (rewards: rewards.py); then the step's metrics, the config, the phases, `main`.
+The machinery is distributed.py, checkpoints.py, config.py, budgets.py and logs.py; the same code runs for 1
+process and N. Departures from the reference: DEPARTURES.md.
 """
 from __future__ import annotations
 
@@ -125,7 +126,7 @@ def ema_update_(ema_params, params, decay):
 
 
 def group_sums(accuracy, format_, confidence, bonus, rewards, lengths, truncated) -> dict[str, float]:
-    """One process's groups as named sums; every argument `(B, G)`, `confidence` and `bonus` None without CARE
+    """One process's groups as named sums; every argument `(B, G)`, `confidence` and `bonus` may be None
     (zeros). Summed over the processes (distributed.all_reduce_named), step_metrics turns them into metrics."""
     confidence, bonus = [torch.zeros_like(accuracy) if t is None else t for t in (confidence, bonus)]
     selective, eligible = bonus_selective(accuracy, bonus)  # (B,) each
@@ -393,8 +394,9 @@ def main(argv: list[str] | None = None):
         ref_logps = reference_logprobs(ref, rollouts, cfg.logprob_chunk) if reads else None  # B x (G, T)
         conf = answer_confidences(rollouts, ref_logps, processor, cfg.confidence_upper_bound, G) \
             if reads else None  # (B, G)
-        regenerated = refgen.regenerated_accuracy(ref, rollouts, examples, processor, cfg.seed, step, G, cfg.max_new_tokens,
-                                           cfg.temperature, cfg.top_p) if cfg.consistency_reward == "refgen" else None
+        regenerated = refgen.regenerated_accuracy(ref, rollouts, examples, processor, cfg.seed, step, G,
+                                                  cfg.max_new_tokens, cfg.temperature, cfg.top_p) \
+            if cfg.consistency_reward == "refgen" else None  # (B, G)
 
         # --- consistency reward (the arm's): CARE's sparse bonus, DenseCons, RefGen or none (zeros) ---
         bonus = consistency_reward(cfg.consistency_reward, acc, conf, regenerated, cfg.bonus_coefficient,

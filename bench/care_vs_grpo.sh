@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # CARE vs GRPO in miniature: the paper's claim (CARE's consistency higher than GRPO's, accuracy not
 # lower) on the toy world. The same SFT warm start, seeds and steps as ./train.sh's default run, in three
-# arms per seed: GRPO-CARE (--consistency_reward care), GRPO (--consistency_reward none) and GRPO with a KL penalty to the
-# frozen warm start (--consistency_reward none --beta 0.04, the usual alternative guard against drift). Each run is
+# arms per seed: GRPO-CARE (--consistency_reward care), GRPO (--consistency_reward none) and GRPO with a KL
+# penalty to the frozen warm start (--consistency_reward none --beta 0.04, the usual alternative guard against
+# drift). Each run is
 # evaluated on toy L1/L2/L3 (strict accuracy, rule consistency, judge consistency with the evaluated model
 # as its own judge, and the orange rows' reasoning x answer breakdown). Mean ± sample sd over seeds -> RESULTS.md.
 #
@@ -17,7 +18,8 @@ toy=.cache/toy sft=outputs/toy_sft out=outputs/care_vs_grpo
 seeds=${SEEDS:-1 2 3 4 5}
 start=$(date +%s)
 toy_warm_start "$toy" "$sft"
-declare -A arm_args=([care]="--consistency_reward care" [grpo]="--consistency_reward none" [grpo_kl]="--consistency_reward none --beta 0.04")
+declare -A arm_args=([care]="--consistency_reward care" [grpo]="--consistency_reward none"
+                     [grpo_kl]="--consistency_reward none --beta 0.04")
 for seed in $seeds; do
   for arm in care grpo grpo_kl; do
     run=$out/${arm}_seed$seed

@@ -195,7 +195,8 @@ def test_api_judge_end_to_end(toy_world, server, tmp_path, monkeypatch):
     (["--judge_api_base", "127.0.0.1:9", "--judge_model", "m"], "must be an http:// or https:// URL"),
     (["--judge_timeout", "5"], "--judge_timeout 5.0: applies to an API judge only"),
     (["--judge_api_base", "http://h/v1", "--judge_model", "m", "--judge_retries", "-1"], "--judge_retries -1: must be"),
-    (["--judge_api_base", "http://h/v1", "--judge_model", "m", "--judge_timeout", "0"], "--judge_timeout 0.0: must be > 0"),
+    (["--judge_api_base", "http://h/v1", "--judge_model", "m", "--judge_timeout", "0"],
+     "--judge_timeout 0.0: must be > 0"),
     (["--benchmark", "mvbench", "--judge_protocol", "picks"], "--judge_protocol picks: the general benchmarks are not"),
 ])
 def test_bad_judge_flags_fail_before_any_model(flags, message, monkeypatch):

@@ -55,7 +55,8 @@ def test_kl_weights_high_accuracy_rows():
 def test_kl_weights_separate_reasoning_and_answer():
     """SepKL-EMA-HA: beta * mean over reasoning tokens + beta_answer * mean over answer tokens, HA rows only."""
     w = kl_token_weights(MASK, beta=0.1, answer_mask=ANSWER, beta_answer=0.4)
-    # row 0: reasoning tokens 0, 1 -> 0.1 / 2 each; answer token 2 -> 0.4 / 1. row 1: reasoning 0 -> 0.1, answer 1 -> 0.4
+    # row 0: reasoning tokens 0, 1 -> 0.1 / 2 each; answer token 2 -> 0.4 / 1
+    # row 1: reasoning token 0 -> 0.1, answer token 1 -> 0.4
     assert_close(w, torch.tensor([[0.05, 0.05, 0.4, 0.0], [0.1, 0.4, 0.0, 0.0]]))
     w = kl_token_weights(MASK, beta=0.1, rows=torch.tensor([False, True]), answer_mask=ANSWER, beta_answer=0.4)
     assert_close(w, torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.1, 0.4, 0.0, 0.0]]))
