@@ -257,7 +257,8 @@ RESUME_REFUSED = {
     "learning_rate": "the optimizer and the schedule restore the checkpoint's",
     "weight_decay": "the optimizer restores the checkpoint's",
     "model_path": "the weights come from the checkpoint",
-    "reference model (use_care or beta > 0)": "the checkpoint holds a reference model or not",
+    "reference model (a consistency reward or a KL)": "the checkpoint holds a reference model or not",
+    "kl_reference": "the checkpoint's reference is the frozen initial model or an EMA, whatever the flag says",
 }
 RESUME_IGNORED = ("output_dir", "resume_from_checkpoint", "overwrite_output_dir")
 
@@ -266,8 +267,9 @@ def compare_resume_config(saved: dict, new: dict) -> tuple[list[str], list[str]]
     """(refused, applied): "flag: old -> new" for each difference between a checkpoint's config and this
     run's. Refused ones would silently not apply (RESUME_REFUSED); the others apply from the resumed step.
     Fields absent from `saved` (older checkpoints) are not compared."""
-    def ref(c):
-        return bool(c.get("use_care")) or (c.get("beta") or 0) > 0
+    def ref(c):  # older checkpoints: use_care
+        reward = c.get("consistency_reward", "care" if c.get("use_care") else "none")
+        return reward != "none" or (c.get("beta") or 0) > 0 or (c.get("sep_kl_answer_coef") or 0) > 0
 
     def same(k, a, b):
         if k == "model_path" and a and b and os.path.exists(a) and os.path.exists(b):
@@ -278,8 +280,8 @@ def compare_resume_config(saved: dict, new: dict) -> tuple[list[str], list[str]]
     for k in new:
         if k in saved and k not in RESUME_IGNORED and not same(k, saved[k], new[k]):
             (refused if k in RESUME_REFUSED else applied).append(f"{k}: {saved[k]!r} -> {new[k]!r}")
-    if {"use_care", "beta"} <= saved.keys() and ref(saved) != ref(new):
-        refused.append(f"reference model (use_care or beta > 0): {ref(saved)} -> {ref(new)}")
+    if "beta" in saved and ref(saved) != ref(new):
+        refused.append(f"reference model (a consistency reward or a KL): {ref(saved)} -> {ref(new)}")
     return refused, applied
 
 

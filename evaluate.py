@@ -8,12 +8,12 @@ benchmarks of the paper's transfer table, for any `save_pretrained` checkpoint.
 
 Writes predictions.jsonl (one line per sample; a rerun resumes per sample), results.json and results.md.
 Scores per level and L3 domain: strict accuracy (the reference's: the answer tag's stripped text equals the
-letter), lenient accuracy (the first standalone A-D), format rate, length, and consistency: a judge (the
-evaluated model, or --judge_model) reads the question, options and reasoning with the answer hidden and picks
-the option the reasoning supports (argmax over "A".."D": one forward, deterministic). With --toy, rule
-consistency (the option the toy reasoning names) per teacher-flaw class. Decoding is greedy, 1,024 new tokens,
-as the reference's scripts, up to <|im_end|> or <|endoftext|> (rollout.END_TOKENS, as in training); left padding
-is masked, so 1 and N processes agree. Departures: DEPARTURES.md.
+letter), lenient accuracy (the first standalone A-D), format rate, length, and consistency: after generation a
+judge (judge.py: a checkpoint, by default the evaluated model, or an OpenAI-compatible endpoint) says whether
+the reasoning supports the answer (the paper's protocol; --judge_protocol picks: the answer hidden, it picks an
+option). With --toy, rule consistency (the option the toy reasoning names) per teacher-flaw class. Decoding is
+greedy, 1,024 new tokens, as the reference's scripts, up to <|im_end|> or <|endoftext|> (rollout.END_TOKENS, as
+in training); left padding is masked, so 1 and N processes agree. Departures: DEPARTURES.md.
 """
 from __future__ import annotations
 
@@ -21,7 +21,9 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import re
+from collections import Counter
 from dataclasses import asdict
 from fractions import Fraction
 from pathlib import Path
@@ -37,6 +39,7 @@ import toy
 from checkpoints import claim_output_dir
 from config import run_cli
 from data import BENCHMARKS, LETTERS, Collator, VisionSpec, check_prompt_lengths, load_examples
+from judge import PROMPTS, PROTOCOLS, api_judge, check_judge_flags, judge_records, local_judge
 from rewards import format_reward, parse_answer, score_answer, to_number
 from rollout import end_ids
 
@@ -44,7 +47,6 @@ LEVELS = ("L1", "L2", "L3")
 _STANDALONE = re.compile(r"\b([A-D])\b")
 _THINK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
 _TOY_STEP = re.compile(r"the next step is to (.+?)\.")
-JUDGE_QUESTION = "Which option does this reasoning support? Answer with a single letter."
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,13 +79,13 @@ def toy_rule_pick(reasoning: str | None, options: list[str]) -> str | None:
 
 
 def score(example: dict, level: str, output: str, length: int, toy_world: bool = False) -> dict:
-    """One predictions.jsonl line (judge_pick filled in later by `judge_records`)."""
+    """One predictions.jsonl line (the judge's fields are set later, by judge.judge_records)."""
     answer, lenient, reasoning = strict_pick(output), lenient_pick(output), reasoning_of(output)
     rec = dict(id=example["id"], level=level, domain=example["domain"], prompt_id=prompt_id(example),
                output=output, length=length, answer=answer, lenient=lenient,
                gold=example["solution"], strict_correct=answer == example["solution"],
                lenient_correct=lenient == example["solution"],
-               format=format_reward([output])[0] == 1.0, reasoning=reasoning, judge_pick=None, skipped=False)
+               format=format_reward([output])[0] == 1.0, reasoning=reasoning, skipped=False)
     if toy_world:
         rec["rule_pick"] = toy_rule_pick(reasoning, example["options"])
         rec["flaw_class"] = toy.flaw_class(example["question"], example["options"][LETTERS.index(example["solution"])])
@@ -112,24 +114,12 @@ def benchmark_score(example: dict, benchmark: str, output: str, length: int) -> 
         reward = score_answer(pred, gold, problem_type)
     return dict(id=example["id"], level=benchmark, domain=example["domain"], prompt_id=prompt_id(example),
                 output=output, length=length, problem_type=problem_type, answer=pred, gold=gold, reward=reward,
-                format=format_reward([output])[0] == 1.0, reasoning=reasoning_of(output), judge_pick=None, skipped=False)
+                format=format_reward([output])[0] == 1.0, reasoning=reasoning_of(output), skipped=False)
 
 
 def prompt_id(example: dict) -> str:
     """Names exactly what the model was asked: a changed prompt or option order is a new sample."""
     return hashlib.sha1(example["prompt"].encode()).hexdigest()[:12]
-
-
-def judge_records(records: list[dict], examples: list[dict], judge) -> None:
-    """Fill `judge_pick` for records with reasoning and an answer letter (the others stay None)."""
-    todo = [i for i, r in enumerate(records) if r["reasoning"] and r["answer"]]
-    if not todo:
-        return
-    picks = judge([examples[i]["question"] for i in todo], [examples[i]["options"] for i in todo],
-                  [records[i]["reasoning"] for i in todo])
-    assert len(picks) == len(todo), f"judge returned {len(picks)} picks for {len(todo)} reasonings"
-    for i, p in zip(todo, picks):
-        records[i]["judge_pick"] = p
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,15 +130,18 @@ def _pct(flags: list) -> float | None:
 
 def group_stats(records: list[dict]) -> dict:
     ok = [r for r in records if not r["skipped"]]
-    judged = [r for r in ok if r["judge_pick"] is not None]
+    answered = [r for r in ok if r.get("reasoning") and r.get("answer")]  # what a judge reads
+    judged = [r for r in answered if r.get("judge_consistent") is not None]
     stats = dict(n=len(ok), skipped=len(records) - len(ok),
                  strict=_pct([r["strict_correct"] for r in ok]), lenient=_pct([r["lenient_correct"] for r in ok]),
                  format=_pct([r["format"] for r in ok]),
                  mean_length=round(sum(r["length"] for r in ok) / len(ok), 1) if ok else None,
-                 n_judged=len(judged), consistency=_pct([r["judge_pick"] == r["answer"] for r in judged]),
-                 consistency_correct=_pct([r["judge_pick"] == r["answer"] for r in judged if r["strict_correct"]]))
+                 n_judged=len(judged), n_unjudged=len(answered) - len(judged),
+                 judge_protocol=next(iter({r["judge_protocol"] for r in judged}), None),
+                 consistency=_pct([r["judge_consistent"] for r in judged]),
+                 consistency_correct=_pct([r["judge_consistent"] for r in judged if r["strict_correct"]]))
     if any("rule_pick" in r for r in ok):
-        stats["rule_consistency"] = _pct([r.get("rule_pick") == r["answer"] for r in judged])
+        stats["rule_consistency"] = _pct([r.get("rule_pick") == r["answer"] for r in answered])
     if any("flaw_class" in r for r in ok):
         stats["flaw_classes"] = {c: flaw_class_stats([r for r in ok if r.get("flaw_class") == c])
                                  for c in sorted({r.get("flaw_class") for r in ok} - {None})}
@@ -197,6 +190,7 @@ def markdown(summary: dict, model: str) -> str:
             ("lenient accuracy (%)", "lenient"), ("format (%)", "format"),
             ("consistency, answered (%)", "consistency"), ("consistency, correct (%)", "consistency_correct"),
             ("rule consistency, toy (%)", "rule_consistency"), ("judged responses", "n_judged"),
+            ("unjudged (no valid verdict)", "n_unjudged"),
             ("mean length (tokens)", "mean_length"), ("samples", "n"), ("skipped", "skipped")]
     cell = lambda v: "–" if v is None else f"{v:.1f}" if isinstance(v, float) else str(v)  # noqa: E731
     lines = [f"**{model}**", "", "| | " + " | ".join(BENCHMARKS.get(c, c.replace("L3/", "")) for c in cols) + " |",
@@ -229,36 +223,8 @@ def load_eval_model(path: str, device):
     return model.to(device).eval(), load_eval_processor(path)
 
 
-def make_judge(model, processor, batch_size: int = 8):
-    """judge(questions, options, reasonings) -> letters: argmax of the next-token logits over A-D."""
-    tok = getattr(processor, "tokenizer", processor)
-    letter_ids = [tok.encode(x, add_special_tokens=False) for x in LETTERS]
-    assert all(len(i) == 1 for i in letter_ids), f"judge tokenizer splits a letter: {letter_ids}"
-    letter_ids = [i[0] for i in letter_ids]
-
-    def judge(questions, options, reasonings):
-        picks = []
-        for s in range(0, len(questions), batch_size):
-            texts = [processor.apply_chat_template([dict(role="user", content=judge_prompt(q, o, r))],
-                                                   tokenize=False, add_generation_prompt=True)
-                     for q, o, r in zip(*(x[s:s + batch_size] for x in (questions, options, reasonings)))]
-            tok.padding_side = "left"  # the last position is every row's next token
-            enc = tok(texts, return_tensors="pt", padding=True).to(model.device)
-            with torch.no_grad():
-                logits = model(**enc, logits_to_keep=1).logits[:, -1, letter_ids]  # (b, 4)
-            picks += [LETTERS[j] for j in logits.argmax(-1).tolist()]
-        return picks
-
-    return judge
-
-
-def judge_prompt(question: str, options: list[str], reasoning: str) -> str:
-    opts = "".join(f"{LETTERS[i]}. {o}\n" for i, o in enumerate(options))
-    return f"Question: {question}\nOptions:\n{opts}\nReasoning: {reasoning}\n\n{JUDGE_QUESTION}"
-
-
-def evaluate_batch(model, processor, collator, gen_config, examples, level, toy_world, judge) -> list[dict]:
-    """Generate for `examples`, score, judge. Unreadable samples come back as skipped records."""
+def evaluate_batch(model, processor, collator, gen_config, examples, level, toy_world) -> list[dict]:
+    """Generate for `examples` and score. Unreadable samples come back as skipped records."""
     if not examples:
         return []
     before = collator.skipped
@@ -275,11 +241,9 @@ def evaluate_batch(model, processor, collator, gen_config, examples, level, toy_
     stop = set(gen_config.eos_token_id) | {gen_config.pad_token_id}
     lengths = [next((j for j, t in enumerate(row) if t in stop), len(row)) for row in completion.tolist()]
     texts = processor.batch_decode(completion, skip_special_tokens=True)
-    if level in BENCHMARKS:  # scored by problem type; the A-D judge does not apply
+    if level in BENCHMARKS:  # scored by problem type; the judge does not apply
         return [benchmark_score(e, level, t, n) for e, t, n in zip(kept, texts, lengths)] + skipped
-    records = [score(e, level, t, n, toy_world) for e, t, n in zip(kept, texts, lengths)]
-    judge_records(records, kept, judge)
-    return records + skipped
+    return [score(e, level, t, n, toy_world) for e, t, n in zip(kept, texts, lengths)] + skipped
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,7 +296,16 @@ def main(argv=None):
                       help="general video benchmarks instead: DATA_ROOT/Evaluation/eval_<name>.json")
     p.add_argument("--max_samples", type=int, default=None, help="first N samples (by id) per level or benchmark")
     p.add_argument("--output_dir", default=None, help="default: MODEL_PATH/eval_seed_bench_r1 (or eval_general)")
-    p.add_argument("--judge_model", default=None, help="default: the evaluated model judges itself")
+    p.add_argument("--judge_model", default=None, help="a checkpoint (default: the evaluated model judges itself); "
+                                                       "with --judge_api_base the endpoint's model name")
+    p.add_argument("--judge_api_base", default=None, help="OpenAI-compatible endpoint, e.g. https://api.openai.com/v1 "
+                                                          "(key: OPENAI_API_KEY)")
+    p.add_argument("--judge_protocol", default=None, choices=PROTOCOLS,
+                   help="supports (default, the paper's): does the reasoning support the answer, yes/no; "
+                        "picks: which option does it support, the answer hidden")
+    p.add_argument("--judge_timeout", type=float, default=None, help="seconds per API request (default 60)")
+    p.add_argument("--judge_retries", type=int, default=None,
+                   help="API retries on timeouts and server errors (default 3)")
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--max_new_tokens", type=int, default=1024)
     p.add_argument("--fps", type=float, default=2.0)
@@ -347,6 +320,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.max_prompt_length < 1:
         p.error(f"--max_prompt_length {a.max_prompt_length}: must be an integer >= 1")
+    check_judge_flags(a)  # before any model is loaded
 
     # cpu=True: on a CPU machine Accelerator forms no process group under a multi-process launch otherwise
     acc = Accelerator(cpu=not torch.cuda.is_available())
@@ -363,8 +337,12 @@ def main(argv=None):
     check_prompt_lengths([e for exs in selection.values() for e in exs], load_eval_processor(a.model_path),
                          a.max_prompt_length)
     model, processor = load_eval_model(a.model_path, acc.device)
-    judge = None if a.benchmark else make_judge(*(load_eval_model(a.judge_model, acc.device) if a.judge_model
-                                                  else (model, processor)))
+    protocol = a.judge_protocol or "supports"
+    judge = (None if a.benchmark else
+             api_judge(a.judge_api_base, a.judge_model, protocol, out / "judge_cache.jsonl", a.judge_timeout or 60.0,
+                       3 if a.judge_retries is None else a.judge_retries) if a.judge_api_base else
+             local_judge(*(load_eval_model(a.judge_model, acc.device) if a.judge_model else (model, processor)),
+                         protocol))
     collator = Collator(processor, vision, a.max_prompt_length)
     pad = model.generation_config.pad_token_id or processor.tokenizer.pad_token_id
     gen_configs = {name: GenerationConfig(**decoding(name, a.max_new_tokens, a.video_r1_mmvu), repetition_penalty=1.0,
@@ -386,19 +364,36 @@ def main(argv=None):
         bar = tqdm(total=len(todo), desc=BENCHMARKS.get(level, f"SEED-Bench-R1 {level}"), disable=not acc.is_main_process)
         for s in range(steps):
             chunk = mine[s * a.batch_size:(s + 1) * a.batch_size]
-            records = gather_object(evaluate_batch(model, processor, collator, gen_config, chunk, level, a.toy, judge))
+            records = gather_object(evaluate_batch(model, processor, collator, gen_config, chunk, level, a.toy))
             if acc.is_main_process:
                 with open(pred_path, "a") as f:  # flushed per step: an interrupted run resumes here
                     f.writelines(json.dumps(r) + "\n" for r in records)
             bar.update(len(records))
         bar.close()
     acc.wait_for_everyone()
+    wanted = {key(lv, e): e for lv, exs in selection.items() for e in exs}
+    latest = {k: r for r in read_predictions(pred_path) if (k := key(r["level"], r)) in wanted}
+
+    # --- judge: every answered sample of the selection, anew (an API judge's replies are cached) ---
+    if judge is not None:
+        mine = list(latest)[acc.process_index::acc.num_processes]  # every rank read the same file: the same order
+        judge_records([latest[k] for k in mine], [wanted[k] for k in mine], judge, protocol)
+        latest |= {key(r["level"], r): r for r in gather_object([latest[k] for k in mine])}
     if not acc.is_main_process:
         return None
-    wanted = {key(lv, e) for lv, exs in selection.items() for e in exs}
-    latest = {key(r["level"], r): r for r in read_predictions(pred_path)}
-    summary = summarize([r for k, r in latest.items() if k in wanted])
-    results = dict(model=a.model_path, judge=None if a.benchmark else a.judge_model or "self",
+    if judge is not None:  # the verdicts into predictions.jsonl, written whole and then renamed
+        rows = [r for r in read_predictions(pred_path) if key(r["level"], r) not in latest] + list(latest.values())
+        pred_path.with_suffix(".tmp").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        os.replace(pred_path.with_suffix(".tmp"), pred_path)
+    summary = summarize(list(latest.values()))
+    unjudged = dict(sorted(Counter(r["judge_error"] for r in latest.values() if r.get("judge_error")).items()))
+    if unjudged:
+        reasons = ", ".join(f"{k}: {v}" for k, v in unjudged.items())
+        print(f"judge: {sum(unjudged.values())} sample(s) unjudged ({reasons}); not counted as consistent; "
+              "run the same command again to ask again")
+    judge_info = None if a.benchmark else dict(model=a.judge_model or "self", api_base=a.judge_api_base,
+                                               protocol=protocol, prompt=PROMPTS[protocol], unjudged=unjudged)
+    results = dict(model=a.model_path, judge=judge_info,
                    **{"benchmarks" if a.benchmark else "levels": summary},
                    skipped=sum(s["skipped"] for k, s in summary.items() if "/" not in k),
                    decoding={name: decoding(name, a.max_new_tokens, a.video_r1_mmvu) for name in selection},

@@ -159,7 +159,7 @@ def plan_inputs(config, mesh, cfg, gpu_memory_gb=None, prompt_tokens=None, visio
                 prompt_tokens=prompt_tokens, new_tokens=cfg.max_new_tokens, vision_tokens=vision_tokens,
                 bf16=cfg.bf16, checkpointing=cfg.gradient_checkpointing,
                 gqa_expanded=cfg.attn_implementation != "flash_attention_2",
-                reference=cfg.use_care or cfg.beta > 0, chunk=cfg.logprob_chunk, gpu_memory_gb=gpu_memory_gb)
+                reference=cfg.uses_reference(), chunk=cfg.logprob_chunk, gpu_memory_gb=gpu_memory_gb)
 
 
 LABELS = dict(policy_params="policy (fp32 shard)", grads="gradients (fp32 shard)",

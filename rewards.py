@@ -203,3 +203,23 @@ def bonus_selective(accuracy: torch.Tensor, bonus: torch.Tensor) -> tuple[torch.
     accurate = accurate_samples(accuracy)  # (B, G)
     selective = (accurate & (bonus == 0)).any(-1) & (bonus > 0).any(-1)  # (B,)
     return selective, accurate.any(-1)
+
+
+# --- the other consistency rewards of the paper's Table 3 (ablations; CARE is `consistency_bonus`) ---
+
+
+def dense_consistency_reward(accuracy: torch.Tensor, confidence: torch.Tensor, coef: float = 0.5) -> torch.Tensor:
+    """DenseCons, `(B, G)` -> `(B, G)`: r_cons = coef * r_acc * p_ref(answer | x, reasoning) on every sample.
+
+    `confidence` is the reference's (capped) answer confidence, `answer_confidence`: no group statistics, no
+    selection, so every accurate sample is paid in proportion to how likely the reference finds its answer."""
+    assert accuracy.shape == confidence.shape, (
+        f"accuracy {tuple(accuracy.shape)} vs confidence {tuple(confidence.shape)}")
+    return coef * accuracy * confidence
+
+
+def refgen_consistency_reward(regenerated_accuracy: torch.Tensor, coef: float = 0.5) -> torch.Tensor:
+    """RefGen, `(B, G)` -> `(B, G)`: r_cons = coef * accuracy of the answer the reference samples after the
+    sample's own reasoning (rollout.regenerate_answers). It ignores the sample's own answer: reasoning from
+    which the reference reaches the right answer is paid, whether or not the policy then answered so."""
+    return coef * regenerated_accuracy

@@ -24,7 +24,7 @@ for method in care grpo; do  # the same warm start, seed and steps; only the rew
   rl=outputs/toy$([ $method = grpo ] && echo _grpo || true)
   rm -rf "$rl"
   "${launch[@]}" grpo_care.py --toy true --model_path "$sft" --data_root "$toy/data" --output_dir "$rl" \
-    --use_care "$([ $method = care ] && echo true || echo false)"
+    --consistency_reward "$([ $method = care ] && echo care || echo none)"
   final=$(ls -d "$rl"/checkpoint-* | sort -t- -k2 -n | tail -1)
   evaluate "$final" "$rl/eval"
 done

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # CARE vs GRPO in miniature: the paper's claim (CARE's consistency higher than GRPO's, accuracy not
 # lower) on the toy world. The same SFT warm start, seeds and steps as ./train.sh's default run, in three
-# arms per seed: GRPO-CARE (--use_care true), GRPO (--use_care false) and GRPO with a KL penalty to the
-# frozen warm start (--use_care false --beta 0.04, the usual alternative guard against drift). Each run is
+# arms per seed: GRPO-CARE (--consistency_reward care), GRPO (--consistency_reward none) and GRPO with a KL
+# penalty to the frozen warm start (--consistency_reward none --beta 0.04, the usual alternative guard against
+# drift). Each run is
 # evaluated on toy L1/L2/L3 (strict accuracy, rule consistency, judge consistency with the evaluated model
 # as its own judge, and the orange rows' reasoning x answer breakdown). Mean ± sample sd over seeds -> RESULTS.md.
 #
@@ -17,7 +18,8 @@ toy=.cache/toy sft=outputs/toy_sft out=outputs/care_vs_grpo
 seeds=${SEEDS:-1 2 3 4 5}
 start=$(date +%s)
 toy_warm_start "$toy" "$sft"
-declare -A arm_args=([care]="--use_care true" [grpo]="--use_care false" [grpo_kl]="--use_care false --beta 0.04")
+declare -A arm_args=([care]="--consistency_reward care" [grpo]="--consistency_reward none"
+                     [grpo_kl]="--consistency_reward none --beta 0.04")
 for seed in $seeds; do
   for arm in care grpo grpo_kl; do
     run=$out/${arm}_seed$seed
@@ -28,7 +30,7 @@ for seed in $seeds; do
       --seed "$seed" ${arm_args[$arm]} "$@"
     final=$(ls -d "$run"/checkpoint-* | sort -t- -k2 -n | tail -1)
     .venv/bin/python evaluate.py --model_path "$final" --data_root "$toy/data" --toy --max_new_tokens 96 \
-      --output_dir "$run/eval"
+      --judge_protocol picks --output_dir "$run/eval"  # RESULTS.md: the option-picking judge
   done
 done
 .venv/bin/python - "$out" "$seeds" "bench/care_vs_grpo.sh $*" "$start" <<'PY'
@@ -72,7 +74,7 @@ text = (f"# CARE vs GRPO on the toy world\n\nCommand: `{command}` (the warm star
         f"absent); {time.time() - start:.0f} s for the runs not already done.\n"
         f"Mean ± sample standard deviation over seeds. Per seed: {per_seed}.\n\n"
         "Rule consistency: the answer is the option the toy reasoning names (exact). Judge consistency: the\n"
-        "evaluated model, given its own reasoning, picks the same letter (evaluate.py's default judge; the toy\n"
+        "evaluated model, given its own reasoning, picks the same letter (evaluate.py --judge_protocol picks; the toy\n"
         "model never saw the judge prompt, so this row measures the judge more than the reasoning).\n"
         f"Orange rows ({n_orange} of L1's 200): the teacher reads orange as red there, and answers red (misread) or, "
         "right for the\nwrong reason, orange (lucky); reasoning right = it names the gold option.\n\n"

@@ -36,9 +36,9 @@ nvidia-smi > "$out/nvidia-smi.txt" 2>&1
 timeout 300 "$py" bench/gpu.py --out "$out/group.json" --model_dir .cache/bench-3b --phases group,sweep
 echo "group,sweep: exit $? at $((SECONDS - start)) s"
 mem=$("$py" -c "import torch; print(torch.cuda.get_device_properties(0).total_memory / 2**30)")
-ref=$("$py" -c "print('true' if $mem >= 100 else 'false')")  # bench/gpu.py --ref auto: a separate reference >= 100 GiB
+ref=$("$py" -c "print('care' if $mem >= 100 else 'none')")  # bench/gpu.py --ref auto: a separate reference >= 100 GiB
 timeout 60 "$py" bench/memory_plan.py --model_path .cache/bench-3b --gpus 1 --gpu_memory_gb "$mem" --json true \
-  --prompt_tokens 1455 --vision_tokens 1212 --attn_implementation sdpa --use_care "$ref" > "$out/plan.json"
+  --prompt_tokens 1455 --vision_tokens 1212 --attn_implementation sdpa --consistency_reward "$ref" > "$out/plan.json"
 echo "plan: exit $? at $((SECONDS - start)) s"
 left=$((470 - (SECONDS - start)))
 if [ "$left" -gt 60 ]; then

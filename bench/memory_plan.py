@@ -4,7 +4,7 @@
     python bench/memory_plan.py --model_path DIR --gpus 4 --gpu_memory_gb 80 --num_generations 8 --json
 
 Every grpo_care.py flag is accepted (--num_generations, --max_new_tokens, --prompts_per_device,
---gradient_checkpointing, --bf16, --use_care, --attn_implementation, --logprob_chunk, the media flags); the
+--gradient_checkpointing, --bf16, --consistency_reward, --attn_implementation, --logprob_chunk, the media flags); the
 defaults are a GPU run's (bf16, checkpointing, SDPA). The model is built on the meta device from DIR's
 config.json, or for Qwen/Qwen2.5-VL-7B-Instruct from its published config written out below (it cannot be
 downloaded here), and sharded by the project's FSDP2 calls over a fake process group of --gpus ranks

@@ -15,7 +15,7 @@ sides), beta = 0 and no reference model, one update per rollout, AdamW, no gradi
 the same thread count and seed. Each side runs in its own subprocess (so one side's allocations
 cannot show up in the other's peak RSS): a warm-up step, then `--steps` timed steps; we report medians.
 
-Ours is the training loop's own code with use_care=False: grpo_care.load_model (FSDP2 over a 1-process
+Ours is the training loop's own code with consistency_reward="none": grpo_care.load_model (FSDP2 over a 1-process
 gloo group), data.Collator, rollout.generate_groups (the P x G rows of P prompts in one call),
 grpo_care.base_rewards, rewards.group_advantages, then the two parts of grpo_care.policy_update:
 accumulate_policy_gradients (vision with gradient, completion log-probs, backward; loss / P per prompt)
@@ -74,7 +74,7 @@ def trl_config(a, output_dir: str, prompts: int):
 
 
 def run_ours(a, examples):
-    """The training loop's step (grpo_care.main, use_care=False, beta=0, num_iterations=1): the same phase
+    """The training loop's step (grpo_care.main, consistency_reward="none", beta=0, num_iterations=1): the same phase
     functions, timed in parts."""
     import torch
     from transformers import AutoProcessor
@@ -85,7 +85,7 @@ def run_ours(a, examples):
     from rewards import group_advantages, total_reward
 
     cfg = grpo_care.Config(model_path=a.model, num_generations=a.G, max_new_tokens=a.max_new_tokens, top_p=a.top_p,
-                           use_care=False, beta=0.0, bf16=False, gradient_checkpointing=False,
+                           consistency_reward="none", beta=0.0, bf16=False, gradient_checkpointing=False,
                            attn_implementation="sdpa", learning_rate=1e-6, seed=a.seed)
     device = grpo_care.setup_distributed().device
     processor = AutoProcessor.from_pretrained(a.model)

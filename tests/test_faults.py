@@ -25,7 +25,7 @@ from data import DataError
 
 def args(toy_world, out, *extra):
     return ["--model_path", str(toy_world / "model"), "--data_root", str(toy_world / "data"),
-            "--output_dir", str(out), "--max_new_tokens", "4", "--num_generations", "2", "--use_care", "false", *extra]
+            "--output_dir", str(out), "--max_new_tokens", "4", "--num_generations", "2", "--consistency_reward", "none", *extra]
 
 
 class ModelLoaded(Exception):

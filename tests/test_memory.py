@@ -76,7 +76,7 @@ def test_plan_of_a_hand_counted_model(tmp_path, capsys):
     # torch.cat; x 8 (1 head of 8) x 2 bytes
     assert b["kv_cache"] == (540 * 1 * 2 + 440) * 8 * 2
     # without CARE no reference; 3 ranks pad: ceil(16/3) = 6 rows of a 16-row norm, so 3 shards > 16,160
-    q = run_plan(capsys, "--model_path", str(tmp_path), "--gpus", "3", "--use_care", "false")
+    q = run_plan(capsys, "--model_path", str(tmp_path), "--gpus", "3", "--consistency_reward", "none")
     assert q["per_gpu_bytes"]["ema_reference"] == 0 and q["params"] == 3 * q["shard_params"] > 16160
     assert q["fits"] is None  # no --gpu_memory_gb
     # checkpointing keeps one input per layer instead of every activation

@@ -13,6 +13,7 @@ from transformers import AutoTokenizer
 import checkpoints
 import evaluate as ev
 import grpo_care
+import judge
 import qwen_vocab
 import rollout
 import sft
@@ -56,7 +57,7 @@ def test_the_rebuild_encodes_as_the_package(qwen_model):
     rng = random.Random(1)  # and strings of random vocabulary entries, the rare last ranks among them
     entries = [package.decode([rng.randrange(151643) if k % 2 else rng.randrange(140000, 151643)]) for k in range(6000)]
     entries = [e for e in entries if "\ufffd" not in e]  # a part of a character alone
-    texts = (FRAGMENTS + ["".join(FRAGMENTS), ev.JUDGE_QUESTION, THINK_INSTRUCTION, MC_INSTRUCTION] + _strings(1000)
+    texts = (FRAGMENTS + ["".join(FRAGMENTS), judge.PROMPTS["supports"], judge.PROMPTS["picks"], THINK_INSTRUCTION, MC_INSTRUCTION] + _strings(1000)
              + ["".join(entries[i:i + 3]) for i in range(0, len(entries), 3)])
     ours = tok(texts, add_special_tokens=False).input_ids
     theirs = [package.encode(t) for t in texts]
@@ -152,20 +153,22 @@ def test_answer_span_of_a_space_split_over_tokens(qwen_model):
     assert answer_span_mask(padded, tok)[0].tolist() == [0, 0, 1, 0, 0, 0, 0]
 
 
-def test_the_judge_reads_the_letters_ids(qwen_model):
+def test_the_judge_reads_the_replies_ids(qwen_model):
     model, processor = qwen_model
     tok = processor.tokenizer
     assert [tok.convert_tokens_to_ids(x) for x in "ABCD"] == [32, 33, 34, 35]  # the bytes 65..68, ranks 32..35
-    qs, opts = ["What next?"] * 2, [["cut the red fruit", "cut the blue fruit", "cut the green fruit",
-                                     "cut the orange fruit"]] * 2
+    assert [tok.encode(x) for x in ("Yes", "No")] == [[9454], [2753]]  # one token each
+    options = ["cut the red fruit", "cut the blue fruit", "cut the green fruit", "cut the orange fruit"]
     reasonings = ["I see the blue object, so the next step is to cut the blue fruit.", "Hmm."]
-    picks = ev.make_judge(model, processor, batch_size=2)(qs, opts, reasonings)
-    for q, o, r, pick in zip(qs, opts, reasonings, picks):  # each alone, the whole vocabulary's logits
-        text = processor.apply_chat_template([dict(role="user", content=ev.judge_prompt(q, o, r))], tokenize=False,
-                                             add_generation_prompt=True)
-        with torch.no_grad():
-            logits = model(**tok(text, return_tensors="pt")).logits[0, -1]  # (152064,)
-        assert pick == "ABCD"[int(logits[32:36].argmax())]
+    for protocol, ids in (("picks", [32, 33, 34, 35]), ("supports", [9454, 2753])):
+        prompts = [judge.judge_prompt(protocol, "What next?", options, r, "B") for r in reasonings]
+        replies = judge.local_judge(model, processor, protocol, batch_size=2)(prompts)
+        for prompt, (reply, error) in zip(prompts, replies):  # each alone, the whole vocabulary's logits
+            text = processor.apply_chat_template([dict(role="user", content=prompt)], tokenize=False,
+                                                 add_generation_prompt=True)
+            with torch.no_grad():
+                logits = model(**tok(text, return_tensors="pt")).logits[0, -1]  # (152064,)
+            assert error is None and reply == judge.REPLIES[protocol][int(logits[ids].argmax())]
 
 
 # --- the end tokens ------------------------------------------------------------------------------

@@ -188,13 +188,20 @@ def test_resume_lists_the_flags_that_apply(toy_world, tmp_path, no_models, capsy
 
 
 def test_compare_resume_config():
-    saved = dict(learning_rate=1e-6, use_care=True, beta=0.0, seed=1, output_dir="a")
+    saved = dict(learning_rate=1e-6, consistency_reward="care", beta=0.0, seed=1, output_dir="a")
     assert checkpoints.compare_resume_config(saved, dict(saved, output_dir="b")) == ([], [])
-    refused, applied = checkpoints.compare_resume_config(saved, dict(saved, use_care=False, seed=2, new_flag=1))
-    assert refused == ["reference model (use_care or beta > 0): True -> False"]
-    assert applied == ["use_care: True -> False", "seed: 1 -> 2"]
-    # with beta > 0 a reference is held either way: turning CARE off applies
-    assert checkpoints.compare_resume_config(dict(saved, beta=0.1), dict(saved, beta=0.1, use_care=False))[0] == []
+    refused, applied = checkpoints.compare_resume_config(saved, dict(saved, consistency_reward="none", seed=2,
+                                                                     new_flag=1))
+    assert refused == ["reference model (a consistency reward or a KL): True -> False"]
+    assert applied == ["consistency_reward: 'care' -> 'none'", "seed: 1 -> 2"]
+    # with beta > 0 a reference is held either way: turning CARE off applies; another arm with a reference too
+    assert checkpoints.compare_resume_config(dict(saved, beta=0.1), dict(saved, beta=0.1,
+                                                                         consistency_reward="none"))[0] == []
+    assert checkpoints.compare_resume_config(saved, dict(saved, consistency_reward="refgen"))[0] == []
+    # an older checkpoint (use_care) against the new flag
+    old = dict(learning_rate=1e-6, use_care=True, beta=0.0)
+    assert checkpoints.compare_resume_config(old, dict(old, consistency_reward="none"))[0] == [
+        "reference model (a consistency reward or a KL): True -> False"]
 
 
 # --- 5. flags ------------------------------------------------------------------------------------------
@@ -259,7 +266,7 @@ def test_a_full_disk_during_a_real_save_is_reported(toy_world, tmp_path, monkeyp
 
     monkeypatch.setattr(torch, "save", full)
     with pytest.raises(RunAborted, match=r"checkpoint-1: no space left on device"):
-        grpo_care.main(args(toy_world, tmp_path, "--max_steps", "1", "--use_care", "false"))
+        grpo_care.main(args(toy_world, tmp_path, "--max_steps", "1", "--consistency_reward", "none"))
     import torch.distributed as dist
 
     dist.destroy_process_group()

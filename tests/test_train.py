@@ -155,11 +155,12 @@ def test_plain_grpo_loads_no_reference(toy_world, tmp_path, monkeypatch):
     loaded = []
     real = grpo_care.load_model
     monkeypatch.setattr(grpo_care, "load_model", lambda *a, **k: loaded.append(k["trainable"]) or real(*a, **k))
-    grpo_care.main(args(toy_world, tmp_path, "--max_steps", "1", "--use_care", "false", "--beta", "0"))
+    grpo_care.main(args(toy_world, tmp_path, "--max_steps", "1", "--consistency_reward", "none", "--beta", "0"))
     assert loaded == [True], "only the policy is loaded"
     assert ema_weights(tmp_path / "checkpoint-1") is None
     assert metrics(tmp_path)[0]["bonus_mean"] == 0
-    assert all(c["confidence"] is None and c["bonus"] is None for c in completions(tmp_path).values())
+    # no reference: no confidence (null); no consistency reward: bonus 0 (every arm logs its own, 0 where none)
+    assert all(c["confidence"] is None and c["bonus"] == 0 for c in completions(tmp_path).values())
 
 
 def test_ema_follows_its_schedule(toy_world, tmp_path):
@@ -184,7 +185,7 @@ def test_nonfinite_loss_skips_the_update(toy_world, tmp_path, monkeypatch):
         return loss * float("nan"), stats
 
     monkeypatch.setattr(grpo_care, "policy_loss", nan_loss)
-    grpo_care.main(args(toy_world, tmp_path, "--max_steps", "1", "--use_care", "false"))
+    grpo_care.main(args(toy_world, tmp_path, "--max_steps", "1", "--consistency_reward", "none"))
     theta0 = weights(toy_world / "model")
     theta1 = weights(tmp_path / "checkpoint-1")
     for k in theta1:
@@ -192,7 +193,7 @@ def test_nonfinite_loss_skips_the_update(toy_world, tmp_path, monkeypatch):
     assert metrics(tmp_path)[0]["nonfinite_steps"] == 1
     # the count is the run's: a resumed run carries it on (before: it restarted at 0)
     monkeypatch.setattr(grpo_care, "policy_loss", real)
-    grpo_care.main(args(toy_world, tmp_path, "--max_steps", "2", "--use_care", "false", "--resume_from_checkpoint", "latest"))
+    grpo_care.main(args(toy_world, tmp_path, "--max_steps", "2", "--consistency_reward", "none", "--resume_from_checkpoint", "latest"))
     assert [m["nonfinite_steps"] for m in metrics(tmp_path)] == [1, 1]
 
 
