@@ -371,11 +371,15 @@ class Collator:
         self.failures: list[tuple] = []
         self.processor.tokenizer.padding_side = "left"  # generation appends on the right
 
+    def inputs(self, ex: dict):
+        """(chat messages, images, videos, video metadata) of one example; raises on unreadable media."""
+        return (messages(ex, self.vision), *load_media(ex, self.vision))
+
     def __call__(self, examples: list[dict]):
-        kept, images, videos, metadata = [], [], [], []
+        kept, chats, images, videos, metadata = [], [], [], [], []
         for ex in examples:
             try:
-                im, vi, me = load_media(ex, self.vision)
+                chat, im, vi, me = self.inputs(ex)
             except Exception as e:  # noqa: BLE001 - any unreadable media is a skipped sample
                 self.skipped += 1
                 path, reason = (e.path, e.reason) if isinstance(e, MediaError) else (ex["video"] or ex["image"], repr(e))
@@ -383,13 +387,13 @@ class Collator:
                 logging.getLogger("grpo_care").warning("skipping sample %s: %s", ex["id"], e)
                 continue
             kept.append(ex)
+            chats.append(chat)
             images += im
             videos += vi
             metadata += me
         if not kept:
             return None, []
-        texts = [self.processor.apply_chat_template(messages(ex, self.vision), tokenize=False,
-                                                    add_generation_prompt=True) for ex in kept]
+        texts = [self.processor.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) for chat in chats]
         # qwen-vl-utils already resized and sampled frames: the processor must not do it again
         batch = self.processor(text=texts, images=images or None, videos=videos or None,
                                video_metadata=metadata or None, do_resize=False, do_sample_frames=False, cap_pixels_per_frame=True,
