@@ -77,6 +77,9 @@ def test_malformed_subtitles_name_their_file(tmp_path):
     lvb.load_examples(path, tmp_path)  # without --lvb_subtitles the subtitle files are not read
     with pytest.raises(DataError, match=r"subtitles/abc_en.json:1\[#0\]: end: expected a time H:MM:SS.fff, got 'soon'"):
         lvb.load_examples(path, tmp_path, subtitles=True)
+    _write(tmp_path, [_row()], subtitles=[{"start": "0:00:01.000", "end": "0:00:02,500", "line": "x"}])  # SRT's comma
+    with pytest.raises(DataError, match=r"end: expected a time H:MM:SS.fff, got '0:00:02,500'"):
+        lvb.load_examples(path, tmp_path, subtitles=True)
     path = _write(tmp_path, [_row(starting_timestamp_for_subtitles="0")])
     with pytest.raises(DataError, match=r"lvb_val.json:2\[#0\]: starting_timestamp_for_subtitles: expected a number"):
         lvb.load_examples(path, tmp_path, subtitles=True)
