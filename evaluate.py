@@ -398,7 +398,8 @@ def main(argv=None):
         mine = todo[acc.process_index::acc.num_processes]  # i % world == rank
         # every rank runs the same number of steps: gather_object is collective
         steps = math.ceil(math.ceil(len(todo) / acc.num_processes) / a.batch_size)
-        bar = tqdm(total=len(todo), desc=BENCHMARKS.get(level, "LongVideoBench" if is_lvb else f"SEED-Bench-R1 {level}"), disable=not acc.is_main_process)
+        name = BENCHMARKS.get(level, "LongVideoBench" if is_lvb else f"SEED-Bench-R1 {level}")
+        bar = tqdm(total=len(todo), desc=name, disable=not acc.is_main_process)
         for s in range(steps):
             chunk = mine[s * a.batch_size:(s + 1) * a.batch_size]
             records = gather_object(evaluate_batch(model, processor, collator, gen_config, chunk, level, a.toy, judge))

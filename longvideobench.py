@@ -174,7 +174,8 @@ class SubtitleCollator(Collator):
                 a, b = run[0], run[-1] + 1
                 content.append(dict(type="video"))
                 clips.append(video[a:b])
-                metas.append(dict(meta, frames_indices=idx[a:b], total_num_frames=meta["total_num_frames"] * (b - a) / len(idx)))
+                metas.append(dict(meta, frames_indices=idx[a:b],
+                                  total_num_frames=meta["total_num_frames"] * (b - a) / len(idx)))
                 run = []
             if p is not None:
                 content.append(dict(type="text", text=p + "\n"))

@@ -452,7 +452,8 @@ def build_longvideobench(data: Path, seed: int = 0, n_val: int = 8, n_test: int 
                 [dict(timestamp=[s, None if k == len(lines) - 1 else e], text=t) for k, (s, e, t) in enumerate(lines)])
         (root / "subtitles" / f"{vid}_en.json").write_text(json.dumps(subs, indent=1))
         answer = shown[0] if category == "first colour" else shown[-1]
-        rows.append(dict(id=f"{vid}_0", video_id=vid, question=f"Which colour does the video show {category.split()[0]}?",
+        question = f"Which colour does the video show {category.split()[0]}?"
+        rows.append(dict(id=f"{vid}_0", video_id=vid, question=question,
                          candidates=options, correct_choice=options.index(answer), video_path=f"{vid}.mp4",
                          subtitle_path=f"{vid}_en.json", starting_timestamp_for_subtitles=offset,
                          duration=float(len(frames) / 2), duration_group=group, question_category=category))

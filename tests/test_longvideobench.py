@@ -118,7 +118,8 @@ def test_summary_overall_per_duration_group_and_category():
     assert s["longvideobench"] == dict(n=4, skipped=1, accuracy=75.0, format=75.0, mean_length=17.5)
     assert s["longvideobench/duration_group=15"]["accuracy"] == 50.0  # ids 1 and 2
     assert s["longvideobench/question_category=S2E"]["accuracy"] == 100.0  # ids 1 and 3
-    assert s["longvideobench/question_category=T3O"] == dict(n=2, skipped=0, accuracy=50.0, format=50.0, mean_length=25.0)
+    assert s["longvideobench/question_category=T3O"] == dict(n=2, skipped=0, accuracy=50.0, format=50.0,
+                                                              mean_length=25.0)  # ids 2 and 4
     unanswered = ev.summarize([_rec(1, None, 15, "S2E"), _rec(2, None, 15, "S2E")])  # the test file
     assert unanswered["longvideobench"]["accuracy"] is None and unanswered["longvideobench"]["n"] == 2
     table = lvb.markdown(s, "M")
