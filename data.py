@@ -429,11 +429,15 @@ class Collator:
         self.failures.append((ex["id"], path, reason))
         logging.getLogger("grpo_care").warning("skipping sample %s: %s: %s", ex["id"], path, reason)
 
+    def inputs(self, ex: dict):
+        """(chat messages, images, videos, video metadata) of one example; raises on unreadable media."""
+        return (messages(ex, self.vision), *load_media(ex, self.vision))
+
     def __call__(self, examples: list[dict]):
-        loaded = []
+        loaded = []  # (example, chat, images, videos, metadata)
         for ex in examples:
             try:
-                loaded.append((ex, *load_media(ex, self.vision)))
+                loaded.append((ex, *self.inputs(ex)))
             except Exception as e:  # noqa: BLE001 - any unreadable media is a skipped sample
                 path, reason = (e.path, e.reason) if isinstance(e, MediaError) else (ex["video"] or ex["image"], repr(e))
                 self._skip(ex, path, reason)
@@ -451,9 +455,9 @@ class Collator:
         return None, []
 
     def _process(self, loaded: list[tuple]):
-        texts = [self.processor.apply_chat_template(messages(ex, self.vision), tokenize=False,
-                                                    add_generation_prompt=True) for ex, *_ in loaded]
-        images, videos, metadata = ([x for item in loaded for x in item[k]] for k in (1, 2, 3))
+        texts = [self.processor.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+                 for _, chat, *_ in loaded]
+        images, videos, metadata = ([x for item in loaded for x in item[k]] for k in (2, 3, 4))
         # qwen-vl-utils already resized and sampled frames: the processor must not do it again
         return self.processor(text=texts, images=images or None, videos=videos or None,
                               video_metadata=metadata or None, do_resize=False, do_sample_frames=False,

@@ -5,6 +5,7 @@ benchmarks of the paper's transfer table, for any `save_pretrained` checkpoint.
     accelerate launch --num_processes 8 evaluate.py ...      # samples i with i % world == rank; rank 0 writes
     python evaluate.py --model_path toy/model --data_root toy/data --toy   # toy media sizes + rule consistency
     python evaluate.py --model_path P --data_root D --benchmark vsibench videommmu mmvu mvbench tempcompass videomme
+    python evaluate.py --model_path P --data_root LongVideoBench --benchmark longvideobench [--lvb_subtitles]
 
 Writes predictions.jsonl (one line per sample; a rerun resumes per sample), results.json and results.md.
 Scores per level and L3 domain: strict accuracy (the reference's: the answer tag's stripped text equals the
@@ -35,9 +36,10 @@ from tqdm import tqdm
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer,
                           GenerationConfig)
 
+import longvideobench as lvb
 import toy
 from checkpoints import claim_output_dir
-from config import run_cli
+from config import ConfigError, run_cli
 from data import BENCHMARKS, LETTERS, Collator, VisionSpec, check_prompt_lengths, load_examples
 from judge import PROMPTS, PROTOCOLS, api_judge, check_judge_flags, judge_records, local_judge
 from rewards import format_reward, parse_answer, score_answer, to_number
@@ -118,8 +120,9 @@ def benchmark_score(example: dict, benchmark: str, output: str, length: int) -> 
 
 
 def prompt_id(example: dict) -> str:
-    """Names exactly what the model was asked: a changed prompt or option order is a new sample."""
-    return hashlib.sha1(example["prompt"].encode()).hexdigest()[:12]
+    """Names exactly what the model was asked: a changed prompt or option order (or context: LongVideoBench's
+    subtitles) is a new sample."""
+    return hashlib.sha1((example.get("context", "") + example["prompt"]).encode()).hexdigest()[:12]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,8 +177,11 @@ def summarize(records: list[dict]) -> dict:
     """{"L1": stats, ..., "L3/Daily life": stats, ...} or {"vsibench": stats, ...} for the sets present."""
     records = sorted(records, key=lambda r: (r["level"], str(r["id"])))  # order-free sums
     out, present = {}, {r["level"] for r in records}
-    for level in [x for x in (*LEVELS, *BENCHMARKS) if x in present]:
+    for level in [x for x in (*LEVELS, *BENCHMARKS, lvb.NAME) if x in present]:
         rows = [r for r in records if r["level"] == level]
+        if level == lvb.NAME:  # accuracy overall, per duration group and per question category
+            out.update(lvb.summarize(rows))
+            continue
         out[level] = benchmark_stats(rows) if level in BENCHMARKS else group_stats(rows)
         if level == "L3":
             for d in sorted({r["domain"] for r in rows if r["domain"]}):
@@ -241,6 +247,9 @@ def evaluate_batch(model, processor, collator, gen_config, examples, level, toy_
     stop = set(gen_config.eos_token_id) | {gen_config.pad_token_id}
     lengths = [next((j for j, t in enumerate(row) if t in stop), len(row)) for row in completion.tolist()]
     texts = processor.batch_decode(completion, skip_special_tokens=True)
+    if level == lvb.NAME:  # SEED-Bench-R1's first-letter scorer
+        return [lvb.score(e, t, n, format_reward([t])[0] == 1.0, reasoning_of(t), prompt_id(e))
+                for e, t, n in zip(kept, texts, lengths)] + skipped
     if level in BENCHMARKS:  # scored by problem type; the judge does not apply
         return [benchmark_score(e, level, t, n) for e, t, n in zip(kept, texts, lengths)] + skipped
     return [score(e, level, t, n, toy_world) for e, t, n in zip(kept, texts, lengths)] + skipped
@@ -272,14 +281,17 @@ def key(level: str, example_or_record: dict) -> tuple:
 
 def max_frames(flag: int | None, benchmark: list[str] | None) -> int:
     """--max_frames, else the reference's eval scripts': 32 on the general benchmarks
-    (scripts/eval_general_video_bench.sh), 16 on SEED-Bench-R1 (eval_seed_bench_r1.sh, our training setting)."""
-    return flag if flag is not None else 32 if benchmark else 16
+    (scripts/eval_general_video_bench.sh), 16 on SEED-Bench-R1 (eval_seed_bench_r1.sh, our training setting)
+    and on LongVideoBench (SEED-Bench-R1's infer.py)."""
+    return flag if flag is not None else 32 if benchmark and lvb.NAME not in benchmark else 16
 
 
 def decoding(level: str, max_new_tokens: int, video_r1_mmvu: bool = False) -> dict:
     """GenerationConfig arguments for one level or benchmark: greedy, or with `video_r1_mmvu` MMVU sampled
     as eval_bench.py samples it for a model path containing "Video-R1" (top_k=0: vLLM has no top-k),
     up to its 768 new tokens or `max_new_tokens` if fewer."""
+    if level == lvb.NAME:
+        return lvb.decoding(max_new_tokens)
     if video_r1_mmvu and level == "mmvu":
         return dict(do_sample=True, temperature=1.0, top_p=0.95, top_k=0, max_new_tokens=min(768, max_new_tokens))
     return dict(do_sample=False, max_new_tokens=max_new_tokens)
@@ -292,8 +304,9 @@ def main(argv=None):
                    help="SEED-Bench-R1 root (annotations/, videos/, images/); with --benchmark the root of Evaluation/")
     sets = p.add_mutually_exclusive_group()
     sets.add_argument("--levels", nargs="+", default=list(LEVELS), choices=LEVELS, help="SEED-Bench-R1 levels")
-    sets.add_argument("--benchmark", nargs="+", choices=list(BENCHMARKS),
-                      help="general video benchmarks instead: DATA_ROOT/Evaluation/eval_<name>.json")
+    sets.add_argument("--benchmark", nargs="+", choices=[*BENCHMARKS, lvb.NAME],
+                      help="general video benchmarks instead: DATA_ROOT/Evaluation/eval_<name>.json; or alone "
+                           f"{lvb.NAME}: DATA_ROOT is its folder (lvb_val.json, videos/, subtitles/)")
     p.add_argument("--max_samples", type=int, default=None, help="first N samples (by id) per level or benchmark")
     p.add_argument("--output_dir", default=None, help="default: MODEL_PATH/eval_seed_bench_r1 (or eval_general)")
     p.add_argument("--judge_model", default=None, help="a checkpoint (default: the evaluated model judges itself); "
@@ -316,24 +329,39 @@ def main(argv=None):
                         "top-p 0.95, up to 768 new tokens (fewer if --max_new_tokens is)")
     p.add_argument("--max_prompt_length", type=int, default=16384,
                    help="prompt tokens at most, media included (the reference's bound); a longer one is refused or skipped")
+    p.add_argument("--lvb_file", default="lvb_val.json",
+                   help="LongVideoBench questions in DATA_ROOT; lvb_test_wo_gt.json has no answers: predictions only")
+    p.add_argument("--lvb_subtitles", action="store_true",
+                   help="LongVideoBench with its subtitles between the frames (the official interleaving); "
+                        "default: video and question only, as SEED-Bench-R1's evaluation")
     p.add_argument("--toy", action="store_true", help="toy world: toy media sizes and rule consistency")
     a = p.parse_args(argv)
     if a.max_prompt_length < 1:
         p.error(f"--max_prompt_length {a.max_prompt_length}: must be an integer >= 1")
     check_judge_flags(a)  # before any model is loaded
+    is_lvb = a.benchmark is not None and lvb.NAME in a.benchmark
+    if is_lvb and len(a.benchmark) > 1:
+        raise ConfigError(f"--benchmark {' '.join(a.benchmark)}: {lvb.NAME} must be given alone (its --data_root "
+                          "is the LongVideoBench folder)")
+    if (a.lvb_subtitles or a.lvb_file != "lvb_val.json") and not is_lvb:
+        raise ConfigError(f"--lvb_subtitles / --lvb_file: must be used with --benchmark {lvb.NAME}")
 
     # cpu=True: on a CPU machine Accelerator forms no process group under a multi-process launch otherwise
     acc = Accelerator(cpu=not torch.cuda.is_available())
-    out = Path(a.output_dir or Path(a.model_path) / ("eval_general" if a.benchmark else "eval_seed_bench_r1"))
+    out = Path(a.output_dir or Path(a.model_path) / (f"eval_{lvb.NAME}" if is_lvb else "eval_general" if a.benchmark
+                                                     else "eval_seed_bench_r1"))
     claim_output_dir(out)  # held till the process ends: a second evaluation into out/ stops here
     pred_path = out / "predictions.jsonl"
     vision = (VisionSpec(**toy.TOY_VISION) if a.toy else
-              VisionSpec(video_fps=a.fps, video_max_frames=max_frames(a.max_frames, a.benchmark)))
+              VisionSpec(video_fps=a.fps, **(lvb.VISION if is_lvb else {}),
+                         video_max_frames=max_frames(a.max_frames, a.benchmark)))
     # before any model: every row of the annotation files checked, the prompts' length bounded
     root = Path(a.data_root)
-    files = ({b: root / "Evaluation" / f"eval_{b}.json" for b in a.benchmark} if a.benchmark else
+    files = ({lvb.NAME: root / a.lvb_file} if is_lvb else
+             {b: root / "Evaluation" / f"eval_{b}.json" for b in a.benchmark} if a.benchmark else
              {lv: root / "annotations" / f"validation_{lv}.jsonl" for lv in a.levels})
-    selection = {name: sorted(load_examples(f, root), key=id_order)[:a.max_samples] for name, f in files.items()}
+    selection = {name: sorted(lvb.load_examples(f, root, a.lvb_subtitles) if name == lvb.NAME else
+                              load_examples(f, root), key=id_order)[:a.max_samples] for name, f in files.items()}
     check_prompt_lengths([e for exs in selection.values() for e in exs], load_eval_processor(a.model_path),
                          a.max_prompt_length)
     model, processor = load_eval_model(a.model_path, acc.device)
@@ -343,7 +371,7 @@ def main(argv=None):
                        3 if a.judge_retries is None else a.judge_retries) if a.judge_api_base else
              local_judge(*(load_eval_model(a.judge_model, acc.device) if a.judge_model else (model, processor)),
                          protocol))
-    collator = Collator(processor, vision, a.max_prompt_length)
+    collator = (lvb.SubtitleCollator if a.lvb_subtitles else Collator)(processor, vision, a.max_prompt_length)
     pad = model.generation_config.pad_token_id or processor.tokenizer.pad_token_id
     gen_configs = {name: GenerationConfig(**decoding(name, a.max_new_tokens, a.video_r1_mmvu), repetition_penalty=1.0,
                                           eos_token_id=end_ids(processor), pad_token_id=pad)  # training's EOS rule
@@ -361,7 +389,8 @@ def main(argv=None):
         mine = todo[acc.process_index::acc.num_processes]  # i % world == rank
         # every rank runs the same number of steps: gather_object is collective
         steps = math.ceil(math.ceil(len(todo) / acc.num_processes) / a.batch_size)
-        bar = tqdm(total=len(todo), desc=BENCHMARKS.get(level, f"SEED-Bench-R1 {level}"), disable=not acc.is_main_process)
+        name = BENCHMARKS.get(level, "LongVideoBench" if is_lvb else f"SEED-Bench-R1 {level}")
+        bar = tqdm(total=len(todo), desc=name, disable=not acc.is_main_process)
         for s in range(steps):
             chunk = mine[s * a.batch_size:(s + 1) * a.batch_size]
             records = gather_object(evaluate_batch(model, processor, collator, gen_config, chunk, level, a.toy))
@@ -399,8 +428,9 @@ def main(argv=None):
                    decoding={name: decoding(name, a.max_new_tokens, a.video_r1_mmvu) for name in selection},
                    vision=asdict(vision))
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "results.md").write_text(markdown(summary, a.model_path))
-    print(markdown(summary, a.model_path))
+    table = (lvb.markdown if is_lvb else markdown)(summary, a.model_path)
+    (out / "results.md").write_text(table)
+    print(table)
     return results
 
 

@@ -353,11 +353,14 @@ def build(out: str | os.PathLike, seed: int = 0, n_train: int = 240, n_val: int 
     spec = dict(seed=seed, n_train=n_train, n_val=n_val, cot_misread=cot_misread,
                 cot_inconsistent=cot_inconsistent, cot_lucky=cot_lucky, version=6) | ({"vocab": "qwen"} if qwen else {})
     if not force and stamp.exists() and json.loads(stamp.read_text()) == spec:
+        if not (out / "data/LongVideoBench/lvb_val.json").exists():  # a world built before it existed
+            build_longvideobench(out / "data", seed)
         return out
     if out.exists():
         shutil.rmtree(out)
     build_data(out / "data", seed, n_train, n_val, cot_misread, cot_inconsistent, cot_lucky)
     build_video_r1(out / "data", seed)
+    build_longvideobench(out / "data", seed)
     build_model_dir(out / "model", out / "data", seed, qwen)
     stamp.write_text(json.dumps(spec))  # written last: a half-built world is rebuilt next time
     return out
@@ -434,6 +437,46 @@ def build_video_r1(data: Path, seed: int = 0, per_kind: int = 3) -> None:
         (data / "Evaluation").mkdir(parents=True, exist_ok=True)
         (data / "Evaluation" / f"eval_{name}.json").write_text(
             json.dumps([make(kind, i + 1, f"Evaluation/{title}") for i, kind in enumerate(rows)], indent=1))
+
+
+def build_longvideobench(data: Path, seed: int = 0, n_val: int = 8, n_test: int = 2) -> None:
+    """LongVideoBench in miniature (longvideobench.py's format) in `data/LongVideoBench`: lvb_val.json and
+    lvb_test_wo_gt.json (no correct_choice). Each 2 fps clip shows 2-3 of five colours in turn, 2 s each (duration
+    group 15) or 3 for 6 s each (group 60); the question asks for the first or the last colour (the category),
+    among all five. Subtitles name each colour while it shows, in the source video's clock (the clip starts at
+    starting_timestamp_for_subtitles), {start, end, line} in even rows, {timestamp, text} in odd ones (the last end
+    null), plus a line before the clip that no frame covers. Its own generator: the rest of the toy is unchanged."""
+    rng, root = random.Random(f"{seed}/longvideobench"), data / "LongVideoBench"
+    for sub in ("videos", "subtitles"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    colours, (x0, y0, x1, y1) = {**COLOURS, "purple": (150, 60, 200)}, ENVIRONMENTS["kitchen"]["box"]
+    clock = lambda t: f"{int(t // 3600)}:{int(t % 3600 // 60):02d}:{t % 60:06.3f}"  # noqa: E731
+    rows = []
+    for i in range(n_val + n_test):
+        options, (group, seconds) = rng.sample(list(colours), 5), rng.choice([(15, 2), (60, 6)])
+        shown, category = options[:rng.randint(2, 3) if group == 15 else 3], rng.choice(["first colour", "last colour"])
+        rng.shuffle(options)
+        frames = []
+        for c in shown:
+            frame = _frame(None, "kitchen", rng)
+            frame[y0:y1, x0:x1] = colours[c]
+            frames += [frame] * (2 * seconds)
+        vid, offset = f"toylvb{i:03d}", rng.choice([5.0, 12.5, 3600.25])
+        _write_video(root / "videos" / f"{vid}.mp4", frames)
+        lines = [(offset - 4, offset - 2, "Welcome back.")] + [
+            (offset + k * seconds, offset + (k + 1) * seconds, f"Here is the {c} object.") for k, c in enumerate(shown)]
+        subs = ([dict(start=clock(s), end=clock(e), line=t) for s, e, t in lines] if i % 2 == 0 else
+                [dict(timestamp=[s, None if k == len(lines) - 1 else e], text=t) for k, (s, e, t) in enumerate(lines)])
+        (root / "subtitles" / f"{vid}_en.json").write_text(json.dumps(subs, indent=1))
+        answer = shown[0] if category == "first colour" else shown[-1]
+        question = f"Which colour does the video show {category.split()[0]}?"
+        rows.append(dict(id=f"{vid}_0", video_id=vid, question=question,
+                         candidates=options, correct_choice=options.index(answer), video_path=f"{vid}.mp4",
+                         subtitle_path=f"{vid}_en.json", starting_timestamp_for_subtitles=offset,
+                         duration=float(len(frames) / 2), duration_group=group, question_category=category))
+    test = [{k: v for k, v in r.items() if k != "correct_choice"} for r in rows[n_val:]]
+    (root / "lvb_test_wo_gt.json").write_text(json.dumps(test, indent=1))
+    (root / "lvb_val.json").write_text(json.dumps(rows[:n_val], indent=1))  # last: it marks a finished build
 
 
 if __name__ == "__main__":

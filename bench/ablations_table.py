@@ -41,7 +41,7 @@ def main(out, seeds, command, start, results):
     res = {a: [json.loads((out / f"{a}_seed{s}/eval/results.json").read_text())["levels"] for s in seeds] for a in arms}
     metrics = {("L1", "strict"): "L1", ("L2", "strict"): "L2", ("L3", "strict"): "L3",
                ("L1", "rule_consistency"): "L1 rule consistency", ("L2", "rule_consistency"): "L2 rule consistency"}
-    lines = [f"| arm | flags | " + " | ".join(f"{v} (%)" for v in metrics.values())
+    lines = ["| arm | flags | " + " | ".join(f"{v} (%)" for v in metrics.values())
              + " | paper L1 / L2 / L3 / consistency |", "|---|---|" + "---:|" * (len(metrics) + 1)]
     for a, flags in arms.items():
         cells = [cell([r[lv].get(k) for r in res[a]]) for lv, k in metrics]
