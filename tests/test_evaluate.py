@@ -14,7 +14,7 @@ from torch.testing import assert_close
 import evaluate as ev
 import judge
 import toy
-from data import Collator, load_examples
+from data import Collator, DataError, load_examples
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -324,5 +324,5 @@ def test_annotation_files_are_checked_before_any_model(toy_world, tmp_path, monk
     rows = [json.loads(x) for x in (toy_world / "data/annotations/validation_L2.jsonl").read_text().splitlines()]
     change(rows)
     (data / "annotations/validation_L2.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with pytest.raises(ev.DataError, match=message):
+    with pytest.raises(DataError, match=message):
         ev.main(_args(toy_world, data, tmp_path / "out") + ["--levels", "L2", *flags])

@@ -99,7 +99,7 @@ def test_ids_vocabulary_and_files_are_the_7bs(qwen_model_dir, qwen_model):
     for p in (processor.image_processor, processor.video_processor):
         assert (p.size["shortest_edge"], p.size["longest_edge"]) == (3136, 12845056)
         assert (p.patch_size, p.merge_size, p.temporal_patch_size) == (14, 2, 2)
-        assert p.image_mean == [0.48145466, 0.4578275, 0.40821073]
+        assert list(p.image_mean) == [0.48145466, 0.4578275, 0.40821073]
 
 
 def published_name(key: str) -> str:
