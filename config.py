@@ -25,8 +25,8 @@ import torch.distributed as dist
 from transformers import HfArgumentParser
 
 import toy
-from data import DataError, VisionSpec
-from distributed import rank0_print
+from data import PROMPT_TEMPLATES, DataError, VisionSpec
+from distributed import model_class, rank0_print
 
 
 class ConfigError(ValueError):
@@ -76,6 +76,9 @@ class RunConfig:
     toy: bool | None = setting(None, "toy-sized settings (toy.py); default: when model_path is empty")
     seed: int = setting(42, "seeds data order, option shuffles (and GRPO's sampling)")
     shuffle_options: bool = setting(True, "shuffle training options (false: alphabetical)")
+    prompt_template: str = setting("care", "care: the reference's think prompt; v1: SEED-Bench-R1's own study's "
+                                   "shorter one (SEED-Bench-R1 rows only)",
+                                   ("care or v1", lambda v: v in PROMPT_TEMPLATES))
     max_prompt_length: int = setting(16384, "prompt tokens at most, media included (the reference's); a longer "
                                      "row is refused at load, or skipped once its media are read", int_ge(1))
     prompts_per_device: int = setting(1, "prompts per process per step", int_ge(1))
@@ -98,6 +101,9 @@ class RunConfig:
     video_min_pixels: int = setting(128 * 28 * 28, "pixels per video frame (min)", int_ge(1))
     image_max_pixels: int = setting(256 * 28 * 28, "pixels per image (max)", int_ge(1))
     image_min_pixels: int = setting(4 * 28 * 28, "pixels per image (min)", int_ge(1))
+    media_size: int | None = setting(None, "resize every image and frame to SIZE x SIZE, rounded to 28 (SEED-Bench-R1 "
+                                     "v1: 256 -> 252); default: by the pixel bounds above",
+                                     ("None or an integer >= 28", lambda v: v is None or v >= 28))
     # system
     bf16: bool | None = setting(None, "bf16 compute over fp32 weights; default: on GPU")
     gradient_checkpointing: bool | None = setting(None, "default: on GPU")
@@ -132,6 +138,11 @@ def validate_config(cfg) -> None:
             raise ConfigError("--data_root is required with --model_path (the SEED-Bench-R1 directory)")
     if cfg.data_root and not os.path.isdir(cfg.data_root):
         raise ConfigError(f"--data_root {cfg.data_root}: no such directory")
+    if cfg.model_path and os.path.isdir(cfg.model_path):  # a hub id's config is read when the model loads
+        try:
+            model_class(cfg.model_path)
+        except (ValueError, OSError) as e:
+            raise ConfigError(f"--model_path {e}") from None
     if getattr(cfg, "resume_from_checkpoint", None) and getattr(cfg, "overwrite_output_dir", False):
         raise ConfigError("--resume_from_checkpoint continues the run in --output_dir, --overwrite_output_dir true "
                           "deletes it: pass one of the two")

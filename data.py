@@ -48,6 +48,10 @@ TYPE_INSTRUCTIONS = {  # the reference's per-type answer instruction, appended a
     "free-form": " Please provide your text answer within the <answer> </answer> tags.",
     "regression": _NUMBER,
 }
+# SEED-Bench-R1's own study (its v1 GRPO, `--prompt_template v1`): the question, its lettered options, this
+V1_INSTRUCTION = ("Output the thinking process in <think> </think> and final answer in <answer> </answer> tags, "
+                  "i.e., <think> reasoning process here </think><answer> answer here </answer>. ")
+PROMPT_TEMPLATES = ("care", "v1")
 LETTERS = "ABCD"
 # the general video benchmarks, as the reference's Video-R1-format files DATA_ROOT/Evaluation/eval_<stem>.json
 BENCHMARKS = {"vsibench": "VSI-Bench", "videommmu": "VideoMMMU", "mmvu": "MMVU", "mvbench": "MVBench",
@@ -82,6 +86,7 @@ class VisionSpec:
     video_min_pixels: int = 128 * 28 * 28  # qwen-vl-utils' own floor for video frames
     image_max_pixels: int = 256 * 28 * 28
     image_min_pixels: int = 4 * 28 * 28
+    media_size: int | None = None  # every image and frame resized to this square (rounded to 28), not by pixels
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,9 +158,12 @@ def question_prompt(problem: str, problem_type: str, options: list[str]) -> str:
     return f"{problem}\n{THINK_INSTRUCTION}{TYPE_INSTRUCTIONS[problem_type]}"
 
 
-def prompt_text(question: str, options: list[str]) -> str:
-    """The SEED-Bench-R1 prompt: option texts lettered A-D."""
-    return question_prompt(question, "multiple choice", [f"{LETTERS[i]}. {o}" for i, o in enumerate(options)])
+def prompt_text(question: str, options: list[str], template: str = "care") -> str:
+    """The SEED-Bench-R1 prompt: option texts lettered A-D; template "v1": SEED-Bench-R1's own study's."""
+    lettered = [f"{'ABCDE'[i]}. {o}" for i, o in enumerate(options)]
+    if template == "v1":
+        return f"{question}\n" + "\n".join(lettered) + f"\n {V1_INSTRUCTION}"
+    return question_prompt(question, "multiple choice", lettered)
 
 
 def check_seed_row(row: dict, where: str, validation: bool) -> None:
@@ -202,8 +210,8 @@ def inside_root(value: str, path: str) -> bool:
     return not os.path.isabs(value) and posixpath.normpath(path).split("/")[0] != ".."
 
 
-def make_example(row: dict, data_root: str | os.PathLike, seed: int = 0, epoch: int = 0,
-                 source: str = "?", shuffle_options: bool = True, validation: bool = False) -> dict:
+def make_example(row: dict, data_root: str | os.PathLike, seed: int = 0, epoch: int = 0, source: str = "?",
+                 shuffle_options: bool = True, validation: bool = False, prompt_template: str = "care") -> dict:
     """One annotation row -> {id, options, solution, prompt, video, image, level info}.
 
     `source` names the file and line for error messages; `validation` says the row is from a
@@ -225,7 +233,7 @@ def make_example(row: dict, data_root: str | os.PathLike, seed: int = 0, epoch: 
     has_video = len(row["task_progress_metadata"]) > 0  # rows at the first step are image-only
     return dict(
         id=row["sample_id"], options=options, solution=solution, answer=row["answer"],
-        prompt=prompt_text(row["question"], options), question=row["question"], domain=row.get("domain"),
+        prompt=prompt_text(row["question"], options, prompt_template), question=row["question"], domain=row.get("domain"),
         video=str(root / "videos" / row["video_source"] / row["video_basename"]) if has_video else None,
         image=str(root / "images" / row["video_source"] / row["current_observation_basename"]),
         cot=row.get("cot"), problem_type="multiple choice", where=source,
@@ -271,15 +279,19 @@ def make_video_r1_example(row: dict, data_root: str | os.PathLike, source: str =
 
 
 def load_examples(path: str | os.PathLike, data_root: str | os.PathLike, seed: int = 0, epoch: int = 0,
-                  shuffle_options: bool = True) -> list[dict]:
+                  shuffle_options: bool = True, prompt_template: str = "care") -> list[dict]:
     """Examples of a SEED-Bench-R1 or a Video-R1 file; the first row's keys tell which, the file's
     name whether SEED-Bench-R1 rows are validation rows (`split_of`). Every row is checked: the first
-    malformed one raises DataError naming file:line and field."""
+    malformed one raises DataError naming file:line and field. `prompt_template` v1: SEED-Bench-R1 rows only."""
     rows = read_located_rows(path)
     if rows and {"problem_id", "problem_type"} & rows[0][1].keys():
+        if prompt_template != "care":
+            raise DataError(f"{path}: Video-R1 rows have the reference's prompt only, not --prompt_template "
+                            f"{prompt_template} (SEED-Bench-R1's)")
         return [make_video_r1_example(r, data_root, source=where) for where, r in rows]
     validation = split_of(path) == "validation"
-    examples = [make_example(r, data_root, seed, epoch, where, shuffle_options, validation) for where, r in rows]
+    examples = [make_example(r, data_root, seed, epoch, where, shuffle_options, validation, prompt_template)
+                for where, r in rows]
     first = {}  # str: the id keys seeds, completions.jsonl and evaluation records as text, so 7 and "7" collide
     for where, r in rows:
         at = first.setdefault(str(r["sample_id"]), where)
@@ -346,13 +358,14 @@ def messages(example: dict, vision: VisionSpec) -> list[dict]:
     """Reference content order: [video if any, image if any, text]. SEED-Bench-R1 always has the
     current-observation image and a video when there is progress; Video-R1 has one or the other."""
     content = []
+    size = dict(resized_height=vision.media_size, resized_width=vision.media_size) if vision.media_size else {}
     if example["video"] is not None:
         content.append(dict(type="video", video=example["video"], fps=vision.video_fps,
                             min_frames=vision.video_min_frames, max_frames=vision.video_max_frames,
-                            max_pixels=vision.video_max_pixels, min_pixels=vision.video_min_pixels))
+                            max_pixels=vision.video_max_pixels, min_pixels=vision.video_min_pixels, **size))
     if example["image"] is not None:
         content.append(dict(type="image", image=example["image"], max_pixels=vision.image_max_pixels,
-                            min_pixels=vision.image_min_pixels))
+                            min_pixels=vision.image_min_pixels, **size))
     content.append(dict(type="text", text=example["prompt"]))
     return [dict(role="user", content=content)]
 

@@ -24,7 +24,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
-from transformers import AutoConfig, GenerationConfig, Qwen2_5_VLForConditionalGeneration
+from transformers import (AutoConfig, GenerationConfig, Qwen2_5_VLForConditionalGeneration,
+                          Qwen2VLForConditionalGeneration)
 
 
 def setup_distributed():
@@ -44,18 +45,30 @@ def rank0_print(*args):
         print(*args, flush=True)
 
 
+# the policies this code trains, by config.json's model_type: Qwen2.5-VL (GRPO-CARE) and Qwen2-VL (SEED-Bench-R1's study)
+MODEL_CLASSES = {"qwen2_5_vl": Qwen2_5_VLForConditionalGeneration, "qwen2_vl": Qwen2VLForConditionalGeneration}
+
+
+def model_class(path):
+    """The class of the checkpoint at `path`, from its config; ValueError naming any other model type. Reads only
+    config.json: call it before any weights load."""
+    model_type = AutoConfig.from_pretrained(path).model_type
+    if model_type not in MODEL_CLASSES:
+        raise ValueError(f"{path}: model_type {model_type!r} is not supported (one of {', '.join(MODEL_CLASSES)})")
+    return MODEL_CLASSES[model_type]
+
+
 def load_model(path, cfg, device, trainable: bool):
-    """A Qwen2.5-VL in fp32 (master weights), sharded with FSDP2 (`shard_model`); compute in bf16 when cfg.bf16.
-    A collective.
+    """A Qwen2.5-VL or Qwen2-VL (`model_class`) in fp32 (master weights), sharded with FSDP2 (`shard_model`);
+    compute in bf16 when cfg.bf16. A collective.
 
     Rank 0 alone reads the checkpoint; the other ranks build the model on the meta device and
     receive their shards from rank 0, so host memory holds one fp32 copy (30 GB for 7B), not one
     per process (8 x 2 models x 30 GB on an 8-GPU node)."""
-    rank0 = dist.get_rank() == 0
-    source = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        path, dtype=torch.float32, attn_implementation=cfg.attn_implementation) if rank0 else None
+    rank0, cls = dist.get_rank() == 0, model_class(path)
+    source = cls.from_pretrained(path, dtype=torch.float32, attn_implementation=cfg.attn_implementation) if rank0 else None
     with torch.device("meta"):
-        model = Qwen2_5_VLForConditionalGeneration._from_config(
+        model = cls._from_config(
             AutoConfig.from_pretrained(path), dtype=torch.float32, attn_implementation=cfg.attn_implementation)
     if (Path(path) / "generation_config.json").exists():
         model.generation_config = GenerationConfig.from_pretrained(path)
@@ -76,14 +89,12 @@ def load_model(path, cfg, device, trainable: bool):
 
 
 def shard_model(model, mesh, bf16: bool, trainable: bool) -> None:
-    """FSDP2 in place: each vision block, the vision tower, each decoder layer, then the root; fp32 gradient
-    reduction, bf16 compute when `bf16`."""
+    """FSDP2 in place: each vision block and each decoder layer (the model's own `_no_split_modules` classes), the
+    vision tower, then the root; fp32 gradient reduction, bf16 compute when `bf16`."""
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
-    for block in model.model.visual.blocks:
-        fully_shard(block, mesh=mesh, mp_policy=mp)
+    for unit in [m for m in model.modules() if type(m).__name__ in model._no_split_modules]:
+        fully_shard(unit, mesh=mesh, mp_policy=mp)
     fully_shard(model.model.visual, mesh=mesh, mp_policy=mp)  # gathered only while vision is encoded
-    for layer in model.model.language_model.layers:
-        fully_shard(layer, mesh=mesh, mp_policy=mp)
     # FSDP2 keeps the root unsharded after forward, for backward; a frozen model has no backward to reshard it
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=not trainable)
     for method in ("get_image_features", "get_video_features"):  # rollout.py encodes vision on its own

@@ -40,9 +40,10 @@ import longvideobench as lvb
 import toy
 from checkpoints import claim_output_dir
 from config import ConfigError, run_cli
-from data import BENCHMARKS, LETTERS, Collator, VisionSpec, check_prompt_lengths, load_examples
+from data import (BENCHMARKS, LETTERS, PROMPT_TEMPLATES, Collator, VisionSpec, check_prompt_lengths,
+                  load_examples)
 from judge import PROMPTS, PROTOCOLS, api_judge, check_judge_flags, judge_records, local_judge
-from rewards import format_reward, parse_answer, score_answer, to_number
+from rewards import first_letter_pick, format_reward, parse_answer, score_answer, to_number
 from rollout import end_ids
 
 LEVELS = ("L1", "L2", "L3")
@@ -87,6 +88,7 @@ def score(example: dict, level: str, output: str, length: int, toy_world: bool =
                output=output, length=length, answer=answer, lenient=lenient,
                gold=example["solution"], strict_correct=answer == example["solution"],
                lenient_correct=lenient == example["solution"],
+               first_letter_correct=first_letter_pick(output) == example["solution"],
                format=format_reward([output])[0] == 1.0, reasoning=reasoning, skipped=False)
     if toy_world:
         rec["rule_pick"] = toy_rule_pick(reasoning, example["options"])
@@ -135,8 +137,10 @@ def group_stats(records: list[dict]) -> dict:
     ok = [r for r in records if not r["skipped"]]
     answered = [r for r in ok if r.get("reasoning") and r.get("answer")]  # what a judge reads
     judged = [r for r in answered if r.get("judge_consistent") is not None]
+    first = [r.get("first_letter_correct") for r in ok]  # None: a prediction written before it was recorded
     stats = dict(n=len(ok), skipped=len(records) - len(ok),
                  strict=_pct([r["strict_correct"] for r in ok]), lenient=_pct([r["lenient_correct"] for r in ok]),
+                 first_letter=_pct(first) if None not in first else None,  # SEED-Bench-R1 v1's scorer
                  format=_pct([r["format"] for r in ok]),
                  mean_length=round(sum(r["length"] for r in ok) / len(ok), 1) if ok else None,
                  n_judged=len(judged), n_unjudged=len(answered) - len(judged),
@@ -193,7 +197,8 @@ def markdown(summary: dict, model: str) -> str:
     cols = list(summary)
     rows = [("score (%)", "score"), ("accuracy, all but regression (%)", "accuracy"),
             ("mean relative accuracy, regression (%)", "mra"), ("strict accuracy (%)", "strict"),
-            ("lenient accuracy (%)", "lenient"), ("format (%)", "format"),
+            ("lenient accuracy (%)", "lenient"), ("first-letter accuracy, SEED-Bench-R1 v1's (%)", "first_letter"),
+            ("format (%)", "format"),
             ("consistency, answered (%)", "consistency"), ("consistency, correct (%)", "consistency_correct"),
             ("rule consistency, toy (%)", "rule_consistency"), ("judged responses", "n_judged"),
             ("unjudged (no valid verdict)", "n_unjudged"),
@@ -286,11 +291,12 @@ def max_frames(flag: int | None, benchmark: list[str] | None) -> int:
     return flag if flag is not None else 32 if benchmark and lvb.NAME not in benchmark else 16
 
 
-def decoding(level: str, max_new_tokens: int, video_r1_mmvu: bool = False) -> dict:
+def decoding(level: str, max_new_tokens: int, video_r1_mmvu: bool = False, v1_sampling: bool = False) -> dict:
     """GenerationConfig arguments for one level or benchmark: greedy, or with `video_r1_mmvu` MMVU sampled
     as eval_bench.py samples it for a model path containing "Video-R1" (top_k=0: vLLM has no top-k),
-    up to its 768 new tokens or `max_new_tokens` if fewer."""
-    if level == lvb.NAME:
+    up to its 768 new tokens or `max_new_tokens` if fewer; LongVideoBench, and with `v1_sampling` the
+    SEED-Bench-R1 levels, as SEED-Bench-R1's infer.py samples (temperature 1, up to 256 new tokens)."""
+    if level == lvb.NAME or (v1_sampling and level in LEVELS):
         return lvb.decoding(max_new_tokens)
     if video_r1_mmvu and level == "mmvu":
         return dict(do_sample=True, temperature=1.0, top_p=0.95, top_k=0, max_new_tokens=min(768, max_new_tokens))
@@ -334,6 +340,12 @@ def main(argv=None):
     p.add_argument("--lvb_subtitles", action="store_true",
                    help="LongVideoBench with its subtitles between the frames (the official interleaving); "
                         "default: video and question only, as SEED-Bench-R1's evaluation")
+    p.add_argument("--prompt_template", default="care", choices=PROMPT_TEMPLATES,
+                   help="SEED-Bench-R1 levels: care (the reference's prompt) or v1 (SEED-Bench-R1's own study's)")
+    p.add_argument("--v1_sampling", action="store_true",
+                   help="SEED-Bench-R1 levels sampled as SEED-Bench-R1's infer.py: temperature 1, up to 256 new tokens")
+    p.add_argument("--media_size", type=int, default=None,
+                   help="resize every image and frame to SIZE x SIZE, rounded to 28 (SEED-Bench-R1 v1: 256)")
     p.add_argument("--toy", action="store_true", help="toy world: toy media sizes and rule consistency")
     a = p.parse_args(argv)
     if a.max_prompt_length < 1:
@@ -345,6 +357,11 @@ def main(argv=None):
                           "is the LongVideoBench folder)")
     if (a.lvb_subtitles or a.lvb_file != "lvb_val.json") and not is_lvb:
         raise ConfigError(f"--lvb_subtitles / --lvb_file: must be used with --benchmark {lvb.NAME}")
+    if (a.prompt_template != "care" or a.v1_sampling) and a.benchmark:
+        raise ConfigError("--prompt_template / --v1_sampling: for the SEED-Bench-R1 levels (LongVideoBench has the "
+                          "v1 prompt and sampling already)")
+    if a.media_size is not None and a.media_size < 28:
+        raise ConfigError(f"--media_size {a.media_size}: must be an integer >= 28")
 
     # cpu=True: on a CPU machine Accelerator forms no process group under a multi-process launch otherwise
     acc = Accelerator(cpu=not torch.cuda.is_available())
@@ -352,8 +369,8 @@ def main(argv=None):
                                                      else "eval_seed_bench_r1"))
     claim_output_dir(out)  # held till the process ends: a second evaluation into out/ stops here
     pred_path = out / "predictions.jsonl"
-    vision = (VisionSpec(**toy.TOY_VISION) if a.toy else
-              VisionSpec(video_fps=a.fps, **(lvb.VISION if is_lvb else {}),
+    vision = (VisionSpec(**toy.TOY_VISION, media_size=a.media_size) if a.toy else
+              VisionSpec(video_fps=a.fps, **(lvb.VISION if is_lvb else {}), media_size=a.media_size,
                          video_max_frames=max_frames(a.max_frames, a.benchmark)))
     # before any model: every row of the annotation files checked, the prompts' length bounded
     root = Path(a.data_root)
@@ -361,7 +378,8 @@ def main(argv=None):
              {b: root / "Evaluation" / f"eval_{b}.json" for b in a.benchmark} if a.benchmark else
              {lv: root / "annotations" / f"validation_{lv}.jsonl" for lv in a.levels})
     selection = {name: sorted(lvb.load_examples(f, root, a.lvb_subtitles) if name == lvb.NAME else
-                              load_examples(f, root), key=id_order)[:a.max_samples] for name, f in files.items()}
+                              load_examples(f, root, prompt_template=a.prompt_template), key=id_order)[:a.max_samples]
+                 for name, f in files.items()}
     check_prompt_lengths([e for exs in selection.values() for e in exs], load_eval_processor(a.model_path),
                          a.max_prompt_length)
     model, processor = load_eval_model(a.model_path, acc.device)
@@ -373,9 +391,9 @@ def main(argv=None):
                          protocol))
     collator = (lvb.SubtitleCollator if a.lvb_subtitles else Collator)(processor, vision, a.max_prompt_length)
     pad = model.generation_config.pad_token_id or processor.tokenizer.pad_token_id
-    gen_configs = {name: GenerationConfig(**decoding(name, a.max_new_tokens, a.video_r1_mmvu), repetition_penalty=1.0,
-                                          eos_token_id=end_ids(processor), pad_token_id=pad)  # training's EOS rule
-                   for name in (a.benchmark or a.levels)}
+    decodings = {name: decoding(name, a.max_new_tokens, a.video_r1_mmvu, a.v1_sampling) for name in files}
+    gen_configs = {name: GenerationConfig(**d, repetition_penalty=1.0, eos_token_id=end_ids(processor),
+                                          pad_token_id=pad) for name, d in decodings.items()}  # training's EOS rule
     torch.manual_seed(acc.process_index)  # sampled MMVU (--video_r1_mmvu): the same command samples the same
 
     done = {key(r["level"], r) for r in read_predictions(pred_path) if not r["skipped"]}  # bad media: retried
@@ -425,7 +443,8 @@ def main(argv=None):
     results = dict(model=a.model_path, judge=judge_info,
                    **{"benchmarks" if a.benchmark else "levels": summary},
                    skipped=sum(s["skipped"] for k, s in summary.items() if "/" not in k),
-                   decoding={name: decoding(name, a.max_new_tokens, a.video_r1_mmvu) for name in selection},
+                   decoding=decodings,
+                   prompt_template=a.prompt_template,
                    vision=asdict(vision))
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     table = (lvb.markdown if is_lvb else markdown)(summary, a.model_path)

@@ -182,6 +182,11 @@ class Config(RunConfig):  # the model, data, optimizer, media and system setting
     sep_kl_answer_coef: float | None = setting(None, "SepKL: a separate KL term, the mean over the graded answer's "
                                                "tokens, with this weight (beta weighs the reasoning's mean)",
                                                ("None or >= 0", lambda v: v is None or v >= 0))
+    # the base reward
+    answer_scorer: str = setting("exact", "multiple choice right when the answer is the letter (exact, the reference's) "
+                                 "or starts with it (first_letter, SEED-Bench-R1 v1's)",
+                                 ("exact or first_letter", lambda v: v in ("exact", "first_letter")))
+    format_reward: bool = setting(True, "add the format reward (false: accuracy only, as SEED-Bench-R1 v1)")
     # the consistency reward (Table 3's arms), from the EMA reference
     consistency_reward: str = setting("care", "care (CARE's sparse bonus), dense (DenseCons), refgen (RefGen) or none",
                                       ("care, dense, refgen or none", lambda v: v in CONSISTENCY_REWARDS))
@@ -239,9 +244,10 @@ def sample_seed(seed: int, step: int, sample_id) -> int:
     return random.Random(f"{seed}/{step}/{sample_id}").getrandbits(63)
 
 
-def base_rewards(rollouts: list, examples: list[dict], G: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(accuracy, format), each `(B, G)`: every completion graded against its prompt's solution, by problem type."""
-    acc = [accuracy_reward(ro.texts, [ex["solution"]] * G, [ex["problem_type"]] * G)
+def base_rewards(rollouts: list, examples: list[dict], G: int, scorer: str = "exact") -> tuple[torch.Tensor, torch.Tensor]:
+    """(accuracy, format), each `(B, G)`: every completion graded against its prompt's solution, by problem type
+    (multiple choice by `scorer`: rewards.accuracy_reward)."""
+    acc = [accuracy_reward(ro.texts, [ex["solution"]] * G, [ex["problem_type"]] * G, scorer)
            for ro, ex in zip(rollouts, examples)]
     fmt = [format_reward(ro.texts) for ro in rollouts]
     return torch.tensor(acc).view(-1, G), torch.tensor(fmt).view(-1, G)
@@ -348,7 +354,8 @@ def main(argv: list[str] | None = None):
 
     # --- before any model is loaded: every annotation row, the output dir and the resume point checked ---
     train_path = Path(cfg.data_root) / cfg.train_file
-    all_examples = load_examples(train_path, cfg.data_root)  # a malformed row: DataError naming file:line, field
+    # a malformed row: DataError naming file:line, field
+    all_examples = load_examples(train_path, cfg.data_root, prompt_template=cfg.prompt_template)
     check_media_dirs(all_examples, train_path)
     steps_per_epoch, total_steps = plan_steps(len(all_examples), cfg.prompts_per_device, world, cfg.num_epochs,
                                               cfg.max_steps, train_path)
@@ -364,7 +371,8 @@ def main(argv: list[str] | None = None):
     # --- data: a fixed order per epoch; step s takes prompts [s*B, (s+1)*B) of it, this rank every world-th ---
     collate = Collator(processor, cfg.vision_spec(), cfg.max_prompt_length)
     prompts_for = step_examples(  # options reshuffled per epoch, order seeded per epoch
-        lambda epoch: load_examples(train_path, cfg.data_root, cfg.seed, epoch, cfg.shuffle_options),
+        lambda epoch: load_examples(train_path, cfg.data_root, cfg.seed, epoch, cfg.shuffle_options,
+                                    cfg.prompt_template),
         cfg.seed, cfg.prompts_per_device * world, steps_per_epoch, rank, world)
 
     # --- optimizer, schedule, resume ---
@@ -392,7 +400,7 @@ def main(argv: list[str] | None = None):
         t_gen, t0 = time.perf_counter() - t0, time.perf_counter()
 
         # --- rewards: accuracy + format ---
-        acc, fmt = base_rewards(rollouts, examples, G)  # (B, G) each
+        acc, fmt = base_rewards(rollouts, examples, G, cfg.answer_scorer)  # (B, G) each
 
         # --- reference: the samples' log-probs (CARE, DenseCons, a KL), its capped answer confidence from them ---
         reads = cfg.consistency_reward in ("care", "dense") or cfg.has_kl()
@@ -408,7 +416,7 @@ def main(argv: list[str] | None = None):
                                    cfg.consistency_margin)  # (B, G)
 
         # --- advantages: each reward relative to its group ---
-        rewards = total_reward(acc, fmt, bonus)  # (B, G)
+        rewards = total_reward(acc, fmt if cfg.format_reward else torch.zeros_like(fmt), bonus)  # (B, G)
         advantages = group_advantages(rewards)  # (B, G)
         t_ref, t0 = time.perf_counter() - t0, time.perf_counter()
 

@@ -20,16 +20,13 @@ import os
 import re
 from pathlib import Path
 
-from data import Collator, DataError, inside_root, load_media, read_located_rows
+from data import Collator, DataError, inside_root, load_media, prompt_text, read_located_rows
+from rewards import first_letter_pick
 
 NAME = "longvideobench"
 OPTION_LETTERS = "ABCDE"
-# SEED-Bench-R1's v1 instruction (infer.py's QUESTION_TEMPLATE), after the question and its lettered options
-V1_INSTRUCTION = ("Output the thinking process in <think> </think> and final answer in <answer> </answer> tags, "
-                  "i.e., <think> reasoning process here </think><answer> answer here </answer>. ")
 # infer.py's frames: qwen-vl-utils at 2 fps, 4-16 frames (evaluate.max_frames), each resized to 256x256 -> 252x252
 VISION = dict(video_max_pixels=252 * 252, video_min_pixels=252 * 252)
-_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _CLOCK = re.compile(r"(\d+):(\d{1,2}):(\d{1,2}(?:\.\d*)?)")
 
 
@@ -37,20 +34,6 @@ def decoding(max_new_tokens: int) -> dict:
     """infer.py's generate(do_sample=True, temperature=1, max_new_tokens=256), every other knob set (top-k and
     top-p off); `max_new_tokens` caps the 256."""
     return dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=min(256, max_new_tokens))
-
-
-def v1_prompt(question: str, candidates: list[str]) -> str:
-    options = "\n".join(f"{OPTION_LETTERS[i]}. {c}" for i, c in enumerate(candidates))
-    return f"{question}\n{options}\n {V1_INSTRUCTION}"
-
-
-def first_letter_pick(output: str) -> str | None:
-    """The v1 prediction: the first character of the first answer tag's stripped text (None: no tag, or empty).
-    infer.py tries math_verify first, but it parses nothing from a gold "<answer>C.</answer>" (math-verify
-    0.9.0: parse gives []), so for a letter the first-letter rule alone decides."""
-    m = _ANSWER.search(output)
-    text = m.group(1).strip() if m else ""
-    return text[0] if text else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,7 +107,7 @@ def load_examples(path: str | os.PathLike, data_root: str | os.PathLike, subtitl
         check_row(r, where, answered, subtitles)
         ex = dict(id=r["id"], where=where, options=r["candidates"], question=r["question"],
                   solution=OPTION_LETTERS[r["correct_choice"]] if answered else None,
-                  prompt=v1_prompt(r["question"], r["candidates"]), video=str(root / "videos" / r["video_path"]),
+                  prompt=prompt_text(r["question"], r["candidates"], "v1"), video=str(root / "videos" / r["video_path"]),
                   image=None, cot=None, problem_type="multiple choice", domain=r.get("question_category"),
                   duration_group=r.get("duration_group"), question_category=r.get("question_category"))
         if subtitles:

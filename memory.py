@@ -25,7 +25,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
-from distributed import rank0_print, shard_model
+from distributed import MODEL_CLASSES, rank0_print, shard_model
 
 GIB = 2 ** 30
 HEADROOM = 0.10  # of the GPU's memory left for the CUDA context, NCCL and fragmentation
@@ -136,21 +136,22 @@ def model_sizes(model) -> dict:
 
 
 def config_dims(config) -> dict:
-    """The sizes the activation formulas need, from a Qwen2_5_VLConfig."""
+    """The sizes the activation formulas need, from a Qwen2_5_VLConfig or a Qwen2VLConfig (whose vision width is
+    `embed_dim`, its MLP `mlp_ratio` times that)."""
     t, v = config.text_config, config.vision_config
+    Hv, Iv = ((v.embed_dim, int(v.embed_dim * v.mlp_ratio)) if config.model_type == "qwen2_vl" else
+              (v.hidden_size, v.intermediate_size))
     return dict(layers=t.num_hidden_layers, H=t.hidden_size, I=t.intermediate_size, vocab=t.vocab_size,
                 kv=t.num_key_value_heads * (t.hidden_size // t.num_attention_heads),
-                head_dim=t.hidden_size // t.num_attention_heads, depth=v.depth,
-                Hv=v.hidden_size, Iv=v.intermediate_size, merge=v.spatial_merge_size ** 2)
+                head_dim=t.hidden_size // t.num_attention_heads, depth=v.depth, Hv=Hv, Iv=Iv,
+                merge=v.spatial_merge_size ** 2)
 
 
 def plan_inputs(config, mesh, cfg, gpu_memory_gb=None, prompt_tokens=None, vision_tokens=None) -> dict:
     """plan()'s arguments for run config `cfg` (grpo_care.Config; bf16, checkpointing, attention resolved) and a
     model of `config`: built on the meta device, sharded over `mesh` as training shards it (no communication)."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
     with torch.device("meta"):
-        model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch.float32)
+        model = MODEL_CLASSES[config.model_type]._from_config(config, dtype=torch.float32)
     shard_model(model, mesh, cfg.bf16, trainable=True)
     bound = prompt_tokens_bound(cfg.video_max_frames, cfg.video_max_pixels, cfg.image_max_pixels)
     prompt_tokens = prompt_tokens or bound

@@ -34,6 +34,14 @@ def parse_answer(text: str) -> str | None:
     return m.group(1).strip() if m else None
 
 
+def first_letter_pick(text: str) -> str | None:
+    """SEED-Bench-R1's v1 scorer: the first character of the first answer tag's stripped text (None: no tag, or
+    empty). Its reward tries math_verify first, which parses nothing from a gold "<answer>C.</answer>" (0.9.0),
+    so for a letter this rule alone decides: "<answer>C. cut it</answer>" and "<answer>Cut</answer>" pick C."""
+    answer = parse_answer(text)
+    return answer[0] if answer else None
+
+
 def to_number(text: str) -> float | None:
     """`text` as a finite float, commas removed ("1,000" -> 1000.0); None for anything else."""
     try:
@@ -83,12 +91,14 @@ def score_answer(pred: str | None, gold: str, problem_type: str = "multiple choi
     return 1.0 - min(1.0, abs(p - g) / abs(g))
 
 
-def accuracy_reward(completions: list[str], solutions: list[str], problem_types: list[str] | None = None) -> list[float]:
+def accuracy_reward(completions: list[str], solutions: list[str], problem_types: list[str] | None = None,
+                    scorer: str = "exact") -> list[float]:
     """Accuracy of each completion's first answer against its solution, by problem type (`score_answer`).
 
     Solutions may be "B" or "<answer>B</answer>". `problem_types=None` means all multiple choice:
     1.0 when the answer equals the letter, else 0.0, exact and case-sensitive after stripping
-    whitespace ("b" and "B." are both wrong for "B"), as in the reference.
+    whitespace ("b" and "B." are both wrong for "B"), as in the reference. `scorer` "first_letter": a
+    multiple-choice answer is right when its first character is the letter (`first_letter_pick`, "B." is right).
     """
     assert len(completions) == len(solutions), f"{len(completions)} completions vs {len(solutions)} solutions"
     problem_types = problem_types or ["multiple choice"] * len(completions)
@@ -97,7 +107,10 @@ def accuracy_reward(completions: list[str], solutions: list[str], problem_types:
     for completion, solution, problem_type in zip(completions, solutions, problem_types):
         gold = parse_answer(solution)
         gold = solution.strip() if gold is None else gold
-        rewards.append(score_answer(parse_answer(completion), gold, problem_type))
+        if scorer == "first_letter" and problem_type == "multiple choice":
+            rewards.append(float(first_letter_pick(completion) == gold[:1]))
+        else:
+            rewards.append(score_answer(parse_answer(completion), gold, problem_type))
     return rewards
 
 

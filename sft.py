@@ -123,14 +123,15 @@ def main(argv: list[str] | None = None):
 
     processor = AutoProcessor.from_pretrained(cfg.model_path)
     tok = processor.tokenizer
-    check_prompt_lengths(load_examples(train_path, cfg.data_root), processor, cfg.max_prompt_length)
+    check_prompt_lengths(load_examples(train_path, cfg.data_root, prompt_template=cfg.prompt_template), processor,
+                         cfg.max_prompt_length)
     model = load_model(cfg.model_path, cfg, device, trainable=True)
     model.train()
     collate = Collator(processor, cfg.vision_spec(), cfg.max_prompt_length)
     updates = UpdateLog()
 
     def load_epoch(epoch: int) -> list[dict]:  # grpo_care's options and order: independent of the process count
-        exs = load_examples(train_path, cfg.data_root, cfg.seed, epoch, cfg.shuffle_options)
+        exs = load_examples(train_path, cfg.data_root, cfg.seed, epoch, cfg.shuffle_options, cfg.prompt_template)
         return [dict(ex, cot_answer=r.get("cot_answer")) for ex, r, k in zip(exs, rows, keep) if k]
 
     examples_for = step_examples(load_epoch, cfg.seed, cfg.prompts_per_device * world, steps_per_epoch, rank, world)

@@ -28,7 +28,8 @@ import torch
 from PIL import Image, ImageDraw
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, Qwen2TokenizerFast,
-                          Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
+                          Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor, Qwen2VLProcessor,
+                          Qwen2VLVideoProcessor)
 
 import qwen_vocab
 from data import BENCHMARKS, MC_INSTRUCTION, THINK_INSTRUCTION  # the prompt words and eval files are data.py's
@@ -282,21 +283,32 @@ def build_tokenizer(texts: list[str], vocab_size: int = 640):
     return tok
 
 
-def build_processor(tokenizer):
-    # Qwen2.5-VL-7B-Instruct's preprocessor_config: min/max pixels, CLIP mean/std, patch 14, merge 2, temporal 2
+def build_processor(tokenizer, arch: str = "qwen2_5_vl"):
+    # Qwen2.5-VL-7B-Instruct's preprocessor_config (Qwen2-VL-7B-Instruct's has the same values): min/max pixels,
+    # CLIP mean/std, patch 14, merge 2, temporal 2
     pix = dict(size={"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 16384}, patch_size=14,
                temporal_patch_size=2, merge_size=2, image_mean=[0.48145466, 0.4578275, 0.40821073],
                image_std=[0.26862954, 0.26130258, 0.27577711])
-    return Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**pix), video_processor=Qwen2VLVideoProcessor(**pix),
-                               tokenizer=tokenizer, chat_template=QWEN25_VL_CHAT_TEMPLATE)
+    cls = Qwen2VLProcessor if arch == "qwen2_vl" else Qwen2_5_VLProcessor
+    return cls(image_processor=Qwen2VLImageProcessor(**pix), video_processor=Qwen2VLVideoProcessor(**pix),
+               tokenizer=tokenizer, chat_template=QWEN25_VL_CHAT_TEMPLATE)
 
 
 def build_model(tokenizer, seed: int = 0, hidden: int = 64, layers: int = 2, vocab_size: int | None = None,
-                tied: bool = True):
+                tied: bool = True, arch: str = "qwen2_5_vl"):
+    """A tiny Qwen2.5-VL, or with `arch` "qwen2_vl" a tiny Qwen2-VL (SEED-Bench-R1's study): the same text model;
+    a vision tower without window attention, whose `hidden_size` is the LM's width (Qwen2.5-VL's out_hidden_size)."""
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     vocab = vocab_size or (len(tokenizer) + 63) // 64 * 64
     heads = 4
-    config = Qwen2_5_VLConfig(
+    vision = (dict(depth=2, embed_dim=32, hidden_size=hidden, mlp_ratio=2, num_heads=2, patch_size=14,
+                   spatial_merge_size=2, temporal_patch_size=2) if arch == "qwen2_vl" else
+              dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden, patch_size=14,
+                   spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[1],
+                   tokens_per_second=2))
+    config_class, model_class = ((Qwen2VLConfig, Qwen2VLForConditionalGeneration) if arch == "qwen2_vl" else
+                                 (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration))
+    config = config_class(
         text_config=dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=2,
                          max_position_embeddings=32768, rope_theta=1e6, tie_word_embeddings=tied,
@@ -304,9 +316,7 @@ def build_model(tokenizer, seed: int = 0, hidden: int = 64, layers: int = 2, voc
                          rope_scaling={"type": "mrope", "mrope_section": _mrope_section(hidden // heads)},
                          bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
                          pad_token_id=ids["<|endoftext|>"]),
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-                           fullatt_block_indexes=[1], tokens_per_second=2),
+        vision_config=vision,
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=tied,
@@ -316,7 +326,7 @@ def build_model(tokenizer, seed: int = 0, hidden: int = 64, layers: int = 2, voc
     for c in (config, config.text_config, config.vision_config):
         c.initializer_range = hidden ** -0.5
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config)
+    model = model_class(config)
     model.generation_config.eos_token_id = ids["<|im_end|>"]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     return model
@@ -328,30 +338,31 @@ def _mrope_section(head_dim: int) -> list[int]:
     return [t, (half - t) // 2, half - t - (half - t) // 2]
 
 
-def build_model_dir(out: Path, data: Path, seed: int = 0, qwen: bool = False) -> None:
-    """The toy model and processor, `save_pretrained` in `out`. qwen: with Qwen2.5-VL-7B-Instruct's tokenizer
-    (qwen_vocab.py) and its 152,064-row vocabulary, saved as the 7B is published (bf16 safetensors shards with
-    an index, an untied LM head, its generation_config's two EOS ids and near-greedy sampling)."""
+def build_model_dir(out: Path, data: Path, seed: int = 0, qwen: bool = False, arch: str = "qwen2_5_vl") -> None:
+    """The toy model and processor, `save_pretrained` in `out`; `arch` "qwen2_vl": a tiny Qwen2-VL. qwen: with
+    Qwen2.5-VL-7B-Instruct's tokenizer (qwen_vocab.py) and its 152,064-row vocabulary, saved as the 7B is published
+    (bf16 safetensors shards with an index, an untied LM head, its generation_config's two EOS ids)."""
     if not qwen:
         tok = build_tokenizer(corpus_texts(data))
-        build_model(tok, seed).save_pretrained(out)
-        return build_processor(tok).save_pretrained(out)
+        build_model(tok, seed, arch=arch).save_pretrained(out)
+        return build_processor(tok, arch).save_pretrained(out)
     tok = qwen_vocab.tokenizer()
-    model = build_model(tok, seed, vocab_size=qwen_vocab.VOCAB_SIZE, tied=False).to(torch.bfloat16)
+    model = build_model(tok, seed, vocab_size=qwen_vocab.VOCAB_SIZE, tied=False, arch=arch).to(torch.bfloat16)
     model.generation_config.update(eos_token_id=[tok.eos_token_id, tok.pad_token_id], do_sample=True, top_k=1,
                                    temperature=0.1, top_p=0.001, repetition_penalty=1.05)
     model.save_pretrained(out, max_shard_size="30MB")  # 2 x 39 MB embeddings (bf16: 19.5 MB each): 3 shards
-    build_processor(tok).save_pretrained(out)
+    build_processor(tok, arch).save_pretrained(out)
 
 
 def build(out: str | os.PathLike, seed: int = 0, n_train: int = 240, n_val: int = 200, force: bool = False,
           cot_misread: float = COT_MISREAD, cot_inconsistent: float = COT_INCONSISTENT,
-          cot_lucky: float = COT_LUCKY, qwen: bool = False) -> Path:
+          cot_lucky: float = COT_LUCKY, qwen: bool = False, arch: str = "qwen2_5_vl") -> Path:
     """Build (or reuse) the toy world in `out`; returns the path. `out/model` and `out/data`."""
     out = Path(out)
     stamp = out / "toy.json"
     spec = dict(seed=seed, n_train=n_train, n_val=n_val, cot_misread=cot_misread,
-                cot_inconsistent=cot_inconsistent, cot_lucky=cot_lucky, version=6) | ({"vocab": "qwen"} if qwen else {})
+                cot_inconsistent=cot_inconsistent, cot_lucky=cot_lucky, version=6) | ({"vocab": "qwen"} if qwen else {}) \
+        | ({"arch": arch} if arch != "qwen2_5_vl" else {})
     if not force and stamp.exists() and json.loads(stamp.read_text()) == spec:
         if not (out / "data/LongVideoBench/lvb_val.json").exists():  # a world built before it existed
             build_longvideobench(out / "data", seed)
@@ -361,7 +372,7 @@ def build(out: str | os.PathLike, seed: int = 0, n_train: int = 240, n_val: int 
     build_data(out / "data", seed, n_train, n_val, cot_misread, cot_inconsistent, cot_lucky)
     build_video_r1(out / "data", seed)
     build_longvideobench(out / "data", seed)
-    build_model_dir(out / "model", out / "data", seed, qwen)
+    build_model_dir(out / "model", out / "data", seed, qwen, arch)
     stamp.write_text(json.dumps(spec))  # written last: a half-built world is rebuilt next time
     return out
 
@@ -375,13 +386,16 @@ def main():
     p.add_argument("--force", action="store_true", help="rebuild even if a matching build exists")
     p.add_argument("--qwen_vocab", action="store_true",
                    help="the model with Qwen2.5-VL-7B-Instruct's tokenizer and vocabulary, saved as the 7B is published")
+    p.add_argument("--arch", default="qwen2_5_vl", choices=("qwen2_5_vl", "qwen2_vl"),
+                   help="qwen2_vl: a tiny Qwen2-VL, the policy of SEED-Bench-R1's own study")
     p.add_argument("--cot_misread", type=float, default=COT_MISREAD, help="fraction of orange rows whose CoT reads red")
     p.add_argument("--cot_lucky", type=float, default=COT_LUCKY,
                    help="fraction of orange rows whose CoT reads red, yet answers orange (right for the wrong reason)")
     p.add_argument("--cot_inconsistent", type=float, default=COT_INCONSISTENT,
                    help=f"fraction of '{COT_SLIP_GOAL}' rows whose CoT answers the next letter")
     a = p.parse_args()
-    out = build(a.out, a.seed, a.n_train, a.n_val, a.force, a.cot_misread, a.cot_inconsistent, a.cot_lucky, a.qwen_vocab)
+    out = build(a.out, a.seed, a.n_train, a.n_val, a.force, a.cot_misread, a.cot_inconsistent, a.cot_lucky, a.qwen_vocab,
+                a.arch)
     print(f"toy world in {out}: model/ and data/")
 
 

@@ -149,8 +149,9 @@ def _rec(level, strict, lenient, fmt, length, answer, judge, domain=None, skippe
 
 def test_summarize_levels_and_domains():
     records = [
-        _rec("L1", True, True, True, 10, "A", True),
-        _rec("L1", False, True, False, 20, None, None),  # no answer letter: nothing to judge
+        _rec("L1", True, True, True, 10, "A", True, first_letter_correct=True),
+        # no answer letter: nothing to judge; "<answer>A. x</answer>" is right by SEED-Bench-R1 v1's first letter
+        _rec("L1", False, True, False, 20, None, None, first_letter_correct=True),
         _rec("L1", None, None, None, None, None, None, skipped=True),
         _rec("L3", True, True, True, 30, "B", False, domain="Work"),  # correct, judged inconsistent
         _rec("L3", False, False, True, 20, "A", True, domain="Work"),  # wrong, judged consistent
@@ -158,12 +159,13 @@ def test_summarize_levels_and_domains():
     ]
     s = ev.summarize(records)
     assert list(s) == ["L1", "L3", "L3/Hobbies", "L3/Work"]
-    # L1: 2 scored (1 skipped); strict 1/2, lenient 2/2, format 1/2, length (10+20)/2, 1 judged and consistent
-    assert s["L1"] == dict(n=2, skipped=1, strict=50.0, lenient=100.0, format=50.0, mean_length=15.0,
+    # L1: 2 scored (1 skipped); strict 1/2, lenient 2/2, first letter 2/2, format 1/2, length (10+20)/2, 1 judged
+    # and consistent
+    assert s["L1"] == dict(n=2, skipped=1, strict=50.0, lenient=100.0, first_letter=100.0, format=50.0, mean_length=15.0,
                            n_judged=1, n_unjudged=0, judge_protocol="supports", consistency=100.0,
                            consistency_correct=100.0)
-    # L3: strict 2/3; consistent 2 of 3 judged; of the 2 correct (B, D) only D is consistent
-    assert s["L3"] == dict(n=3, skipped=0, strict=66.67, lenient=66.67, format=100.0, mean_length=20.0,
+    # L3: strict 2/3; consistent 2 of 3 judged; of the 2 correct (B, D) only D is consistent; first letter: not recorded
+    assert s["L3"] == dict(n=3, skipped=0, strict=66.67, lenient=66.67, first_letter=None, format=100.0, mean_length=20.0,
                            n_judged=3, n_unjudged=0, judge_protocol="supports", consistency=66.67,
                            consistency_correct=50.0)
     assert (s["L3/Work"]["n"], s["L3/Work"]["strict"], s["L3/Work"]["consistency"]) == (2, 50.0, 50.0)

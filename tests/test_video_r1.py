@@ -113,9 +113,9 @@ def test_training_step_on_the_mixed_file(toy_world, tmp_path, monkeypatch):
     (tmp_path / "mix.json").write_text(json.dumps(list(by_type.values())))
     calls, real = [], grpo_care.accuracy_reward
 
-    def spy(completions, solutions, problem_types=None):
+    def spy(completions, solutions, problem_types=None, scorer="exact"):
         calls.append((problem_types, solutions))
-        return real(completions, solutions, problem_types)
+        return real(completions, solutions, problem_types, scorer)
 
     monkeypatch.setattr(grpo_care, "accuracy_reward", spy)  # as base_rewards calls it
     out = tmp_path / "out"
