@@ -10,13 +10,12 @@ into group-relative advantages and takes `num_iterations` clipped policy-gradien
 steps the EMA reference moves toward the policy. Each step appends a line to metrics.jsonl and, per sample, one
 to completions.jsonl (text, rewards, confidence, bonus, advantage: what the update used). Each arm of the
 paper's Table 3 is a set of flags (README). Core math as pure functions: `kl_token_weights` (the KL arms),
-`policy_loss`, `ema_update_` (rewards: rewards.py); then the step's metrics, the config, the phases, `main`.
+`policy_loss`, `ema_update_` (rewards: rewards.py); then the config, the phases, `main` (metrics: logs.py).
 The machinery is distributed.py, checkpoints.py, config.py, budgets.py and logs.py; the same code runs for 1
 process and N. Departures from the reference: DEPARTURES.md.
 """
 from __future__ import annotations
 
-import math
 import random
 import sys
 import time
@@ -40,7 +39,7 @@ import memory
 from config import (NONNEG, POSITIVE, ConfigError, RunConfig, between, int_ge, parse_run_config, plan_steps,
                     run_cli, set_device_defaults, setting, use_toy_world)
 from distributed import all_reduce_named, load_model, optimizer_step, rank0_print, setup_distributed
-from rewards import (accuracy_reward, accurate_samples, answer_confidence, bonus_selective, consistency_bonus,
+from rewards import (accuracy_reward, accurate_samples, answer_confidence, consistency_bonus,
                      dense_consistency_reward, format_reward, group_advantages, refgen_consistency_reward, total_reward)
 
 # --- core math of the update (pure functions) ---
@@ -121,42 +120,6 @@ def ema_update_(ema_params, params, decay):
         p = p.to_local() if isinstance(p, DTensor) else p
         assert ema.shape == p.shape, f"EMA shard {tuple(ema.shape)} vs param shard {tuple(p.shape)}"
         ema.lerp_(p.to(ema.dtype), 1.0 - decay)
-
-
-# --- the step's metrics: named sums per process, summed over processes, then the metrics.jsonl line ---
-
-
-def group_sums(accuracy, format_, confidence, bonus, rewards, lengths, truncated) -> dict[str, float]:
-    """One process's groups as named sums; every argument `(B, G)`, `confidence` and `bonus` may be None
-    (zeros). Summed over the processes (distributed.all_reduce_named), step_metrics turns them into metrics."""
-    confidence, bonus = [torch.zeros_like(accuracy) if t is None else t for t in (confidence, bonus)]
-    selective, eligible = bonus_selective(accuracy, bonus)  # (B,) each
-    sums = dict(samples=accuracy.numel(), groups=accuracy.shape[0], reward=rewards.sum(),
-                reward_sq=(rewards ** 2).sum(), accuracy=accuracy.sum(), format=format_.sum(), bonus=bonus.sum(),
-                bonus_given=(bonus > 0).sum(), confidence=confidence.sum(), all_correct=(accuracy >= 1).all(-1).sum(),
-                all_wrong=(accuracy <= 0).all(-1).sum(), selective=selective.sum(), eligible=eligible.sum(),
-                completion_len=lengths.sum(), truncated=truncated.sum())
-    return {k: float(v) for k, v in sums.items()}
-
-
-def step_metrics(s: dict[str, float], world: int, step: int, grad_norm: float, lr: float, skipped_total: int,
-                 nonfinite_steps: int) -> dict:
-    """A metrics.jsonl line from the step's sums over all `world` processes: group_sums' and the loop's own
-    (loss and clip_frac summed per group, completion_len_max a max, timings and counts)."""
-    n, ng = max(s["samples"], 1), max(s["groups"], 1)  # per-sample and per-group ratios
-    mean = s["reward"] / n
-    return dict(step=step, reward_mean=mean, reward_std=math.sqrt(max(s["reward_sq"] / n - mean ** 2, 0.0)),
-                accuracy=s["accuracy"] / n, format=s["format"] / n, bonus_mean=s["bonus"] / n,
-                bonus_frac=s["bonus_given"] / n, confidence=s["confidence"] / n,
-                bonus_selective_frac=s["selective"] / max(s["eligible"], 1), all_correct_frac=s["all_correct"] / ng,
-                all_wrong_frac=s["all_wrong"] / ng, completion_len_mean=s["completion_len"] / n,
-                completion_len_max=s["completion_len_max"], truncated_frac=s["truncated"] / n,
-                clip_frac=s["clip_frac"] / ng, loss=s["loss"] / ng, grad_norm=grad_norm, lr=lr,
-                t_generation=s["t_generation"] / world, t_reference=s["t_reference"] / world,
-                t_update=s["t_update"] / world,
-                gen_tokens_per_s=s["completion_len"] / max(s["t_generation"] / world, 1e-9),
-                vision_calls=s["vision_calls"], skipped=s["skipped"], skipped_total=skipped_total,
-                nonfinite_steps=nonfinite_steps)
 
 
 # --- config ---
@@ -330,14 +293,6 @@ def policy_update(policy, optimizer, rollouts: list, advantages, ref_logps, num_
     return out
 
 
-def completion_records(step: int, examples: list[dict], rollouts: list, columns: dict) -> list[dict]:
-    """completions.jsonl lines, one per sample: its text and the values the update used. `columns`: name ->
-    `(B, G)` tensor, or None (not computed, e.g. confidence without CARE: null)."""
-    return [dict(step=step, sample_id=ex["id"], g=g, text=text,
-                 **{k: None if v is None else round(v[b, g].item(), 6) for k, v in columns.items()})
-            for b, (ex, ro) in enumerate(zip(examples, rollouts)) for g, text in enumerate(ro.texts)]
-
-
 # --- the training loop ---
 
 
@@ -440,14 +395,14 @@ def main(argv: list[str] | None = None):
         lengths = torch.stack([ro.completion_mask.sum(-1).float().cpu() for ro in rollouts]) \
             if rollouts else torch.zeros(0, G)  # (B, G)
         truncated = torch.stack([ro.truncated.float().cpu() for ro in rollouts]) if rollouts else torch.zeros(0, G)
-        sums = all_reduce_named(dict(group_sums(acc, fmt, conf, bonus, rewards, lengths, truncated),
+        sums = all_reduce_named(dict(logs.group_sums(acc, fmt, conf, bonus, rewards, lengths, truncated),
                                      loss=update["loss"], clip_frac=update["clip_frac"],
                                      vision_calls=sum(ro.vision_calls for ro in rollouts), skipped=skipped,
                                      t_generation=t_gen, t_reference=t_ref, t_update=t_upd), device)
         sums |= all_reduce_named(dict(completion_len_max=lengths.max() if rollouts else 0), device, dist.ReduceOp.MAX)
-        metrics = step_metrics(sums, world, step + 1, update["grad_norm"], scheduler.get_last_lr()[0], skips.skipped,
+        metrics = logs.step_metrics(sums, world, step + 1, update["grad_norm"], scheduler.get_last_lr()[0], skips.skipped,
                                updates.skipped)
-        records = completion_records(step + 1, examples, rollouts, dict(
+        records = logs.completion_records(step + 1, examples, rollouts, dict(
             accuracy=acc, format=fmt, confidence=conf, bonus=bonus, reward=rewards, advantage=advantages)) \
             if cfg.log_completions else None
         logs.write_logs(out, metrics, records, writer)  # a collective: rank 0 gathers the completions

@@ -20,7 +20,8 @@ import os
 import re
 from pathlib import Path
 
-from data import Collator, DataError, inside_root, load_media, prompt_text, read_located_rows
+from data import Collator, DataError, inside_root, prompt_text, read_located_rows
+from media import load_media
 from rewards import first_letter_pick
 
 NAME = "longvideobench"

@@ -9,7 +9,7 @@ the tool-call and fill-in-the-middle ones not, as in the 7B's tokenizer.json. Th
 VOCAB_SIZE = 152,064 rows, padded past the 151,665 tokens. tests/test_qwen_vocab.py checks the rebuild against
 the package's own (tiktoken) encoder.
 
-    python toy.py --out DIR --qwen_vocab    # the toy world, its model with this tokenizer (toy.build_model_dir)
+    python toy.py --out DIR --qwen_vocab    # the toy world, its model with this tokenizer (toy_qwen.build_model_dir)
 """
 from __future__ import annotations
 

@@ -44,6 +44,9 @@ for name, get in rows:
     print(f"{name:<50}" + "".join(f"{pct(get(r)):>{w}}" for r, w in zip(runs, (12, 8, 11))))
 n = runs[0]["L1"]["flaw_classes"]["orange"]["n"]
 print(f"\nL1 orange rows ({n}): the teacher reads orange as red; 'reasoning wrong, answer right' is right for the wrong reason")
-print(f"total time {time.time() - float(sys.argv[4]):.0f} s; curves: outputs/toy/curves.png, outputs/toy_grpo/curves.png;"
+import logs  # one picture: the two runs' curves overlaid, the orange rows' classes and accuracy of all three
+logs.plot_comparison({"GRPO": "outputs/toy_grpo/metrics.jsonl", "GRPO-CARE": "outputs/toy/metrics.jsonl"},
+                     dict(zip(("warm start", "GRPO", "GRPO-CARE"), sys.argv[1:4])), "outputs/toy/comparison.png")
+print(f"total time {time.time() - float(sys.argv[4]):.0f} s; GRPO vs GRPO-CARE: outputs/toy/comparison.png;"
       " every sample CARE rewarded: outputs/toy/completions.jsonl")
 PY

@@ -116,9 +116,9 @@ def build_config(sizes: dict, tokenizer):
     """A Qwen2_5_VLConfig of `sizes`; special token ids from `tokenizer` (the toy's: the ids only index rows)."""
     from transformers import Qwen2_5_VLConfig
 
-    import toy
+    import toy_qwen
 
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in toy.SPECIAL_TOKENS}
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in toy_qwen.SPECIAL_TOKENS}
     text = dict(sizes["text"])
     text["rope_scaling"] = {"type": "mrope", "mrope_section": text.pop("mrope_section")}
     return Qwen2_5_VLConfig(
@@ -134,13 +134,13 @@ def make_model_dir(path: Path, sizes: dict, device) -> Path:
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    import toy
+    import toy_qwen
     from data import MC_INSTRUCTION, THINK_INSTRUCTION, prompt_text
 
     stamp = path / "bench_sizes.json"
     if stamp.exists() and json.loads(stamp.read_text()) == sizes:
         return path
-    tokenizer = toy.build_tokenizer([THINK_INSTRUCTION, MC_INSTRUCTION, prompt_text(QUESTION, OPTIONS),
+    tokenizer = toy_qwen.build_tokenizer([THINK_INSTRUCTION, MC_INSTRUCTION, prompt_text(QUESTION, OPTIONS),
                                      "<think> </think> <answer>A</answer>"])
     config = build_config(sizes, tokenizer)
     torch.manual_seed(0)
@@ -149,7 +149,7 @@ def make_model_dir(path: Path, sizes: dict, device) -> Path:
     model.generation_config.eos_token_id = config.text_config.eos_token_id
     model.generation_config.pad_token_id = config.text_config.pad_token_id
     model.to(torch.bfloat16).save_pretrained(path)
-    toy.build_processor(tokenizer).save_pretrained(path)
+    toy_qwen.build_processor(tokenizer).save_pretrained(path)
     stamp.write_text(json.dumps(sizes))
     del model
     return path

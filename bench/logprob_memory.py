@@ -45,12 +45,12 @@ def _setup(world: Path, G: int, completion: int):
     from PIL import Image
     from transformers import AutoProcessor
 
-    import toy
+    import toy_qwen
     from data import prompt_text
     from rollout import Rollout, completion_mask
 
     processor = AutoProcessor.from_pretrained(world / "model")
-    model = toy.build_model(processor.tokenizer, seed=0, vocab_size=VOCAB).eval()
+    model = toy_qwen.build_model(processor.tokenizer, seed=0, vocab_size=VOCAB).eval()
     frames = np.random.RandomState(0).randint(0, 255, (16, 364, 364, 3), dtype=np.uint8)
     content = [dict(type="video", video="v"), dict(type="image", image="i"),
                dict(type="text", text=prompt_text("What should I do next?", ["a", "b", "c", "d"]))]

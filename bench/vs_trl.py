@@ -203,6 +203,7 @@ def prepare(tmp: Path, a) -> tuple[Path, dict]:
     from transformers import AutoProcessor
 
     import toy
+    import toy_qwen
     from data import load_examples
 
     world = toy.build(tmp / "toy", seed=a.seed, n_train=(a.warmup + a.steps) * max(a.prompts), n_val=1)
@@ -219,7 +220,7 @@ def prepare(tmp: Path, a) -> tuple[Path, dict]:
             models[vocab] = world / "model"
             continue
         processor = AutoProcessor.from_pretrained(world / "model")
-        model = toy.build_model(processor.tokenizer, seed=a.seed, vocab_size=REAL_VOCAB)
+        model = toy_qwen.build_model(processor.tokenizer, seed=a.seed, vocab_size=REAL_VOCAB)
         models[vocab] = tmp / f"model_{vocab}"
         model.save_pretrained(models[vocab])
         processor.save_pretrained(models[vocab])

@@ -39,11 +39,11 @@ def toy_model(toy_world):
 @pytest.fixture(scope="session")
 def qwen_model_dir(tmp_path_factory):
     """The toy model with Qwen2.5-VL-7B-Instruct's real tokenizer and vocabulary, saved as the 7B is published
-    (toy.build_model_dir, ~5 s). Its data: toy_world's."""
-    import toy
+    (toy_qwen.build_model_dir, ~5 s). Its data: toy_world's."""
+    import toy_qwen
 
     out = tmp_path_factory.mktemp("qwen_toy")
-    toy.build_model_dir(out, None, seed=0, qwen=True)
+    toy_qwen.build_model_dir(out, None, seed=0, qwen=True)
     return out
 
 

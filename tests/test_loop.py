@@ -1,6 +1,7 @@
 """The training loop's arithmetic, by hand: the named sums of a step, the metrics made from them, the
 step's gradient as the mean over prompts, and the phase functions the loop calls. CPU, the toy model."""
 import dataclasses
+import json
 import math
 
 import pytest
@@ -8,8 +9,8 @@ import torch
 
 from data import Collator, load_examples
 import rollout
-from grpo_care import (accumulate_policy_gradients, base_rewards, completion_records, ema_due, group_sums, policy_loss,
-                       policy_update, step_metrics)
+from grpo_care import accumulate_policy_gradients, base_rewards, ema_due, policy_loss, policy_update
+from logs import completion_records, group_sums, step_metrics
 from rollout import completion_logprobs, encode_vision, generate_groups
 from types import SimpleNamespace
 
@@ -158,3 +159,23 @@ def test_policy_update_with_two_iterations_by_hand(monkeypatch):
     assert out["loss"] == pytest.approx(0.0046926, abs=1e-7)
     assert out["clip_frac"] == pytest.approx(0.25)
     assert out["grad_norm"] == pytest.approx(0.4756145, abs=1e-6) and out["stepped"] == [True, True]  # the last iteration's
+
+
+def test_plot_comparison_reads_the_runs_and_their_evaluations(tmp_path):
+    import logs
+
+    line = {k: 0.5 for k in logs.CURVES}
+    for run in ("a", "b"):
+        (tmp_path / f"{run}.jsonl").write_text("".join(json.dumps(dict(line, step=s)) + "\n" for s in (1, 2)))
+    orange = {k: 25.0 for k in logs.FLAW_CELLS.values()}
+    levels = {lv: dict(strict=50.0) for lv in ("L1", "L2", "L3")}
+    levels["L1"]["flaw_classes"] = {"orange": orange}
+    for run in ("w", "a", "b"):
+        (tmp_path / f"{run}.json").write_text(json.dumps(dict(levels=levels)))
+    png = tmp_path / "comparison.png"
+    logs.plot_comparison({r: tmp_path / f"{r}.jsonl" for r in "ab"}, {r: tmp_path / f"{r}.json" for r in "wab"}, png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    del levels["L1"]["flaw_classes"]  # an evaluation without --toy has no classes to compare
+    (tmp_path / "w.json").write_text(json.dumps(dict(levels=levels)))
+    with pytest.raises(KeyError, match="flaw_classes"):
+        logs.plot_comparison({}, {"w": tmp_path / "w.json"}, png)

@@ -15,6 +15,7 @@ import grpo_care
 import memory
 import sft
 import toy
+import toy_qwen
 from config import ConfigError
 from data import Collator, DataError, VisionSpec, load_examples, messages, prompt_text
 from rewards import accuracy_reward
@@ -29,9 +30,9 @@ V1 = ["--prompt_template", "v1", "--answer_scorer", "first_letter", "--format_re
 
 @pytest.fixture(scope="module")
 def qwen2vl(toy_world, tmp_path_factory):
-    """A tiny Qwen2-VL (toy.build_model_dir arch="qwen2_vl") beside the toy world's data."""
+    """A tiny Qwen2-VL (toy_qwen.build_model_dir arch="qwen2_vl") beside the toy world's data."""
     out = tmp_path_factory.mktemp("qwen2vl")
-    toy.build_model_dir(out, toy_world / "data", seed=0, arch="qwen2_vl")
+    toy_qwen.build_model_dir(out, toy_world / "data", seed=0, arch="qwen2_vl")
     return out
 
 

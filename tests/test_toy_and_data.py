@@ -7,6 +7,7 @@ import torch
 
 import data
 import toy
+import toy_qwen
 from data import Collator, DataError, load_examples, make_example, prompt_text, read_jsonl
 
 TRAIN_ROW = dict(
@@ -30,7 +31,7 @@ def test_toy_model_round_trips_and_renders_qwen_chat(toy_world, toy_model):
                     "<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>"
                     "<|vision_start|><|image_pad|><|vision_end|>Hi?<|im_end|>\n<|im_start|>assistant\n")
     tok = processor.tokenizer
-    for special in toy.SPECIAL_TOKENS:  # each special token is one id, never split by BPE
+    for special in toy_qwen.SPECIAL_TOKENS:  # each special token is one id, never split by BPE
         assert len(tok(special, add_special_tokens=False).input_ids) == 1, special
     assert tok.decode(tok("<think>a</think><answer>B</answer>").input_ids) == "<think>a</think><answer>B</answer>"
 
