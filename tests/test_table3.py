@@ -60,6 +60,9 @@ def test_kl_weights_separate_reasoning_and_answer():
     assert_close(w, torch.tensor([[0.05, 0.05, 0.4, 0.0], [0.1, 0.4, 0.0, 0.0]]))
     w = kl_token_weights(MASK, beta=0.1, rows=torch.tensor([False, True]), answer_mask=ANSWER, beta_answer=0.4)
     assert_close(w, torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.1, 0.4, 0.0, 0.0]]))
+    # a two-token answer ("B", ".") shares its term: 4 tokens, answer 2-3 -> reasoning 0.1 / 2, answer 0.4 / 2
+    w = kl_token_weights(torch.ones(1, 4), beta=0.1, answer_mask=torch.tensor([[0, 0, 1, 1]]), beta_answer=0.4)
+    assert_close(w, torch.tensor([[0.05, 0.05, 0.2, 0.2]]))
     # no answer span (no complete answer tag): the reasoning term covers every token, no answer term
     w = kl_token_weights(MASK, beta=0.1, answer_mask=torch.zeros_like(ANSWER), beta_answer=0.4)
     assert_close(w, kl_token_weights(MASK, beta=0.1))
