@@ -22,6 +22,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch.distributed as dist
+import transformers
+from packaging.version import Version
 from transformers import HfArgumentParser
 
 import toy
@@ -115,12 +117,17 @@ class RunConfig:
         return VisionSpec(**{f.name: getattr(self, f.name) for f in fields(VisionSpec)})
 
 
+MIN_TRANSFORMERS = "5.23.0"  # rollout.py hands the model precomputed vision features (mm_encoder_outputs)
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 def validate_config(cfg) -> None:
     """Raises ConfigError "--flag value: must be <allowed>" for the first setting out of its range, and for paths
     and combinations that cannot work. Runs before any model is loaded."""
+    if Version(transformers.__version__) < Version(MIN_TRANSFORMERS):  # an older one computes wrong log-probs
+        raise ConfigError(f"transformers {transformers.__version__}: {MIN_TRANSFORMERS} or later is needed "
+                          "(requirements.txt); 5.17.0 ignores the precomputed vision features without an error, so "
+                          "the log-probs would be computed without the video (BENCHMARKS.md section 2)")
     for f in fields(cfg):
         allowed = f.metadata.get("allowed")
         if allowed and not allowed[1](getattr(cfg, f.name)):

@@ -271,3 +271,17 @@ def test_a_full_disk_during_a_real_save_is_reported(toy_world, tmp_path, monkeyp
 
     dist.destroy_process_group()
     assert not list(tmp_path.glob("checkpoint-*"))
+
+
+def test_an_older_transformers_is_refused_before_any_model(toy_world, tmp_path, monkeypatch, no_models):
+    import transformers
+
+    # 5.17.0 drops rollout.py's precomputed vision features without an error (bench/vision_features_check.py)
+    monkeypatch.setattr(transformers, "__version__", "5.17.0")
+    argv = ["--model_path", str(toy_world / "model"), "--data_root", str(toy_world / "data"),
+            "--output_dir", str(tmp_path / "out")]
+    for main in (grpo_care.main, sft.main):
+        with pytest.raises(ConfigError, match=r"transformers 5\.17\.0: 5\.23\.0 or later is needed"):
+            main(argv)
+    monkeypatch.setattr(transformers, "__version__", "5.23.1")
+    config.validate_config(grpo_care.parse_config(argv))  # a later one passes
