@@ -154,3 +154,7 @@ def test_qwen2vl_fine_tunes_and_evaluates(toy_world, qwen2vl, tmp_path):
     assert L1["n"] == 2 and L1["first_letter"] is not None and results["prompt_template"] == "v1"
     assert results["vision"]["media_size"] == 56
     assert "first-letter accuracy" in (tmp_path / "eval/results.md").read_text()
+    lvb = ev.main(["--model_path", str(out), "--data_root", str(toy_world / "data/LongVideoBench"), "--output_dir",
+                   str(tmp_path / "lvb"), "--benchmark", "longvideobench", "--max_samples", "2", "--max_new_tokens",
+                   "8", "--lvb_subtitles", "--toy"])
+    assert lvb["benchmarks"]["longvideobench"]["n"] == 2  # the study's second benchmark, subtitles between clips
