@@ -348,8 +348,11 @@ def main(argv=None):
                    help="resize every image and frame to SIZE x SIZE, rounded to 28 (SEED-Bench-R1 v1: 256)")
     p.add_argument("--toy", action="store_true", help="toy world: toy media sizes and rule consistency")
     a = p.parse_args(argv)
-    if a.max_prompt_length < 1:
-        p.error(f"--max_prompt_length {a.max_prompt_length}: must be an integer >= 1")
+    for flag in ("max_prompt_length", "batch_size"):
+        if getattr(a, flag) < 1:
+            p.error(f"--{flag} {getattr(a, flag)}: must be an integer >= 1")
+    if a.output_dir is None and not os.path.isdir(a.model_path):  # else MODEL_PATH/... would shadow the hub id
+        raise ConfigError(f"--model_path {a.model_path} is not a local directory: give --output_dir")
     check_judge_flags(a)  # before any model is loaded
     is_lvb = a.benchmark is not None and lvb.NAME in a.benchmark
     if is_lvb and len(a.benchmark) > 1:

@@ -314,9 +314,10 @@ def main(argv: list[str] | None = None):
     check_media_dirs(all_examples, train_path)
     steps_per_epoch, total_steps = plan_steps(len(all_examples), cfg.prompts_per_device, world, cfg.num_epochs,
                                               cfg.max_steps, train_path)
-    ckpt, saved = checkpoints.open_run_dir(out, cfg, total_steps)  # a collective: checkpoints verified
     processor = AutoProcessor.from_pretrained(cfg.model_path)  # its tokenizer decodes and finds answer spans
     check_prompt_lengths(all_examples, processor, cfg.max_prompt_length)  # a 5 MB question: refused here
+    # the last check, as --overwrite_output_dir clears the old run: a collective, checkpoints verified
+    ckpt, saved = checkpoints.open_run_dir(out, cfg, total_steps)
 
     # --- models: the policy, and the reference: EMA (a consistency reward, KL-EMA) or frozen (GRPO's KL) ---
     memory.print_plan(cfg, device)  # on a GPU: the per-GPU memory plan, and a warning if it does not fit
@@ -363,7 +364,8 @@ def main(argv: list[str] | None = None):
         conf = answer_confidences(rollouts, ref_logps, processor, cfg.confidence_upper_bound, G) \
             if reads else None  # (B, G)
         regenerated = refgen.regenerated_accuracy(ref, rollouts, examples, processor, cfg.seed, step, G,
-                                                  cfg.max_new_tokens, cfg.temperature, cfg.top_p) \
+                                                  cfg.max_new_tokens, cfg.temperature, cfg.top_p,
+                                                  cfg.answer_scorer) \
             if cfg.consistency_reward == "refgen" else None  # (B, G)
 
         # --- consistency reward (the arm's): CARE's sparse bonus, DenseCons, RefGen or none (zeros) ---

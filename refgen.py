@@ -20,7 +20,7 @@ from transformers import LogitsProcessorList
 
 from distributed import gathered
 from rewards import accuracy_reward
-from rollout import (_BYTE_OF, MODALITIES, Rollout, SeededSampler, completion_mask, encode_vision, row_seed,
+from rollout import (_BYTE_OF, MODALITIES, Rollout, SeededSampler, completion_mask, encode_vision, end_ids, row_seed,
                      select_prompts)
 
 
@@ -42,18 +42,20 @@ def reasoning_prefix_lengths(completion_ids: torch.Tensor, tokenizer, mask: torc
 
 @torch.no_grad()
 def regenerate_answers(model, rollout: Rollout, prefix_lengths: torch.Tensor, seeds: list[int], tokenizer,
-                       max_new_tokens: int, temperature: float = 1.0, top_p: float = 0.95,
-                       eos_token: str = "<|im_end|>") -> list[str | None]:
+                       max_new_tokens: int, temperature: float = 1.0, top_p: float = 0.95) -> list[str | None]:
     """RefGen: `model` (the EMA reference) continues each row's prompt + its first `prefix_lengths[r]` completion
     tokens (the reasoning through `</think>`) with its own sampled tokens, row r from generator `seeds[r]`, all
-    rows in one `generate` call. Returns per row the text after `</think>` (the regenerated answer part), None
-    for a row without reasoning (prefix length 0), which is not regenerated."""
+    rows in one `generate` call, ended as the rollouts are (rollout.END_TOKENS). Returns per row the text after
+    `</think>` (the regenerated answer part), None for a row without reasoning (prefix length 0), which is not
+    regenerated. Collectives under FSDP2 (the tower's and the gathered reference's) run whatever the rows."""
     tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
-    eos, pad = tokenizer.convert_tokens_to_ids(eos_token), tokenizer.pad_token_id
+    eos, pad = end_ids(tokenizer), tokenizer.pad_token_id
     keep = [r for r, n in enumerate(prefix_lengths.tolist()) if n > 0]
-    if not keep:
+    mm = encode_vision(model, rollout.batch)  # the reference's own vision features; a collective
+    if not keep:  # nothing to regenerate here, but the other ranks gather the reference: so does this one
+        with gathered(model):
+            pass
         return [None] * len(prefix_lengths)
-    mm = encode_vision(model, rollout.batch)  # the reference's own vision features
     rows = select_prompts(model, rollout.batch, mm, rollout.prompt_index[keep].tolist())  # (K, P) prompts
     K = max(int(prefix_lengths[r]) for r in keep)
     prefixes = [rollout.completion_ids[r, :int(prefix_lengths[r])] for r in keep]
@@ -78,14 +80,15 @@ def regenerate_answers(model, rollout: Rollout, prefix_lengths: torch.Tensor, se
 
 
 def regenerated_accuracy(ref, rollouts: list, examples: list[dict], tokenizer, seed: int, step: int, G: int,
-                         max_new_tokens: int, temperature: float, top_p: float) -> torch.Tensor:
+                         max_new_tokens: int, temperature: float, top_p: float, scorer: str = "exact") -> torch.Tensor:
     """RefGen's (B, G): the accuracy of the answer the reference samples after each sample's reasoning (0 for a
-    sample without `</think>`). Seeded per (run seed, step, sample id, g), like the rollouts."""
+    sample without `</think>`), graded as the samples are (`scorer`). Seeded per (run seed, step, sample id, g),
+    like the rollouts."""
     acc = []
     for ro, ex in zip(rollouts, examples):
         prefix = reasoning_prefix_lengths(ro.completion_ids, tokenizer, ro.completion_mask)  # (G,)
         seeds = [row_seed(random.Random(f"refgen/{seed}/{step}/{ex['id']}").getrandbits(63), g) for g in range(G)]
         texts = regenerate_answers(ref, ro, prefix, seeds, tokenizer, max_new_tokens, temperature, top_p)
         ro.vision_calls += 1
-        acc.append(accuracy_reward([t or "" for t in texts], [ex["solution"]] * G, [ex["problem_type"]] * G))
+        acc.append(accuracy_reward([t or "" for t in texts], [ex["solution"]] * G, [ex["problem_type"]] * G, scorer))
     return torch.tensor(acc).view(-1, G)

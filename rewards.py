@@ -233,6 +233,6 @@ def dense_consistency_reward(accuracy: torch.Tensor, confidence: torch.Tensor, c
 
 def refgen_consistency_reward(regenerated_accuracy: torch.Tensor, coef: float = 0.5) -> torch.Tensor:
     """RefGen, `(B, G)` -> `(B, G)`: r_cons = coef * accuracy of the answer the reference samples after the
-    sample's own reasoning (rollout.regenerate_answers). It ignores the sample's own answer: reasoning from
+    sample's own reasoning (refgen.regenerate_answers). It ignores the sample's own answer: reasoning from
     which the reference reaches the right answer is paid, whether or not the policy then answered so."""
     return coef * regenerated_accuracy

@@ -119,12 +119,13 @@ def main(argv: list[str] | None = None):
     rows, keep = rows_with_reasoning(train_path, cfg.data_root, cfg.seed, cfg.shuffle_options)
     steps_per_epoch, total = plan_steps(sum(keep), cfg.prompts_per_device, world, cfg.num_epochs, cfg.max_steps,
                                         train_path)
-    open_run_dir(out, cfg, total, files=SFT_FILES)  # a used output dir: refused, or cleared with --overwrite_output_dir
-
     processor = AutoProcessor.from_pretrained(cfg.model_path)
     tok = processor.tokenizer
     check_prompt_lengths(load_examples(train_path, cfg.data_root, prompt_template=cfg.prompt_template), processor,
                          cfg.max_prompt_length)
+    # last of the checks: a used output dir is refused, or cleared with --overwrite_output_dir
+    open_run_dir(out, cfg, total, files=SFT_FILES)
+
     model = load_model(cfg.model_path, cfg, device, trainable=True)
     model.train()
     collate = Collator(processor, cfg.vision_spec(), cfg.max_prompt_length)

@@ -34,15 +34,13 @@ class ModelLoaded(Exception):
 
 @pytest.fixture
 def no_models(monkeypatch):
-    """main() up to the first model load: any load raises ModelLoaded. The process group is torn down after."""
+    """main() up to the first model load: any load raises ModelLoaded (the processor loads: the prompt-length
+    check reads its tokenizer). The process group is torn down after."""
     def refuse(*a, **k):
         raise ModelLoaded
 
     monkeypatch.setattr(grpo_care, "load_model", refuse)
     monkeypatch.setattr(sft, "load_model", refuse)
-    import transformers
-
-    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", refuse)
     yield
     import torch.distributed as dist
 

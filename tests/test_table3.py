@@ -141,6 +141,23 @@ def test_regenerate_answers_is_seeded_per_sample(toy_model, reasoned):
     assert "</think>" not in out[0] + out[2]  # the text after the sample's own reasoning
 
 
+def test_regenerate_answers_runs_the_collectives_without_rows(toy_model, reasoned, monkeypatch):
+    """Under FSDP2 the tower's forward and the reference's gathering are collectives: a rank whose samples hold no
+    `</think>` must still run them, or a rank with rows to regenerate waits forever."""
+    import contextlib
+
+    import refgen
+
+    calls = []
+    real_encode = refgen.encode_vision
+    monkeypatch.setattr(refgen, "encode_vision", lambda *a: calls.append("vision") or real_encode(*a))
+    monkeypatch.setattr(refgen, "gathered", lambda m: calls.append("gathered") or contextlib.nullcontext())
+    model, processor = toy_model
+    out = regenerate_answers(model, reasoned, torch.zeros(3, dtype=torch.long), [1, 2, 3], processor,
+                             max_new_tokens=5)
+    assert out == [None, None, None] and calls == ["vision", "gathered"]
+
+
 # --- the README's table: every row parses to the arm it names ------------------------------------
 ARMS = {  # the paper's name -> (consistency reward, KL weighs something, KL on, SepKL, the reference moves (EMA))
     "GRPO": ("none", True, "all", None, False), "KL-EMA": ("none", True, "all", None, True),
