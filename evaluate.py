@@ -314,7 +314,8 @@ def main(argv=None):
                       help="general video benchmarks instead: DATA_ROOT/Evaluation/eval_<name>.json; or alone "
                            f"{lvb.NAME}: DATA_ROOT is its folder (lvb_val.json, videos/, subtitles/)")
     p.add_argument("--max_samples", type=int, default=None, help="first N samples (by id) per level or benchmark")
-    p.add_argument("--output_dir", default=None, help="default: MODEL_PATH/eval_seed_bench_r1 (or eval_general)")
+    p.add_argument("--output_dir", default=None,
+                   help="default: MODEL_PATH/eval_seed_bench_r1 (or eval_general); required when MODEL_PATH is a hub id")
     p.add_argument("--judge_model", default=None, help="a checkpoint (default: the evaluated model judges itself); "
                                                        "with --judge_api_base the endpoint's model name")
     p.add_argument("--judge_api_base", default=None, help="OpenAI-compatible endpoint, e.g. https://api.openai.com/v1 "
