@@ -118,7 +118,7 @@ class RunConfig:
 
 
 MIN_TRANSFORMERS = "5.23.0"  # rollout.py hands the model precomputed vision features (mm_encoder_outputs)
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 def validate_config(cfg) -> None:
@@ -139,7 +139,7 @@ def validate_config(cfg) -> None:
     if cfg.video_min_frames > cfg.video_max_frames:
         raise ConfigError(f"--video_min_frames {cfg.video_min_frames} must be <= --video_max_frames {cfg.video_max_frames}")
     if cfg.model_path:
-        if not os.path.isdir(cfg.model_path) and not _HUB_ID.fullmatch(cfg.model_path):
+        if not os.path.isdir(cfg.model_path) and not HUB_ID.fullmatch(cfg.model_path):
             raise ConfigError(f"--model_path {cfg.model_path}: no such directory (nor a hub id 'org/name')")
         if not cfg.data_root:
             raise ConfigError("--data_root is required with --model_path (the SEED-Bench-R1 directory)")

@@ -39,7 +39,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTex
 import longvideobench as lvb
 import toy
 from checkpoints import claim_output_dir
-from config import ConfigError, run_cli
+from config import HUB_ID, ConfigError, run_cli
 from data import (BENCHMARKS, LETTERS, PROMPT_TEMPLATES, Collator, VisionSpec, check_prompt_lengths,
                   load_examples)
 from judge import PROMPTS, PROTOCOLS, api_judge, check_judge_flags, judge_records, local_judge
@@ -352,8 +352,9 @@ def main(argv=None):
     for flag in ("max_prompt_length", "batch_size"):
         if getattr(a, flag) < 1:
             p.error(f"--{flag} {getattr(a, flag)}: must be an integer >= 1")
-    if a.output_dir is None and not os.path.isdir(a.model_path):  # else MODEL_PATH/... would shadow the hub id
-        raise ConfigError(f"--model_path {a.model_path} is not a local directory: give --output_dir")
+    if a.output_dir is None and not os.path.isdir(a.model_path) and HUB_ID.fullmatch(a.model_path):
+        # its MODEL_PATH/eval_* folder in the working directory would shadow the hub id from then on
+        raise ConfigError(f"--model_path {a.model_path}: a hub id needs --output_dir")
     check_judge_flags(a)  # before any model is loaded
     is_lvb = a.benchmark is not None and lvb.NAME in a.benchmark
     if is_lvb and len(a.benchmark) > 1:

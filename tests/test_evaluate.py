@@ -328,3 +328,12 @@ def test_annotation_files_are_checked_before_any_model(toy_world, tmp_path, monk
     (data / "annotations/validation_L2.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(DataError, match=message):
         ev.main(_args(toy_world, data, tmp_path / "out") + ["--levels", "L2", *flags])
+
+
+def test_a_hub_id_needs_an_output_dir(toy_world, tmp_path, monkeypatch):
+    from config import ConfigError
+
+    monkeypatch.chdir(tmp_path)  # the default MODEL_PATH/eval_* would be ./Qwen/... and shadow the hub id after
+    with pytest.raises(ConfigError, match="--model_path Qwen/Qwen2-VL-7B-Instruct: a hub id needs --output_dir"):
+        ev.main(["--model_path", "Qwen/Qwen2-VL-7B-Instruct", "--data_root", str(toy_world / "data")])
+    assert not (tmp_path / "Qwen").exists()
