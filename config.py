@@ -24,7 +24,7 @@ from pathlib import Path
 import torch.distributed as dist
 import transformers
 from packaging.version import Version
-from transformers import HfArgumentParser
+from transformers import AutoConfig, HfArgumentParser
 
 import toy
 from data import PROMPT_TEMPLATES, DataError, VisionSpec
@@ -147,9 +147,9 @@ def validate_config(cfg) -> None:
         raise ConfigError(f"--data_root {cfg.data_root}: no such directory")
     if cfg.model_path and os.path.isdir(cfg.model_path):  # a hub id's config is read when the model loads
         try:
-            model_class(cfg.model_path)
+            model_class(AutoConfig.from_pretrained(cfg.model_path))  # config.json only: no weights
         except (ValueError, OSError) as e:
-            raise ConfigError(f"--model_path {e}") from None
+            raise ConfigError(f"--model_path {cfg.model_path}: {e}") from None
     if getattr(cfg, "resume_from_checkpoint", None) and getattr(cfg, "overwrite_output_dir", False):
         raise ConfigError("--resume_from_checkpoint continues the run in --output_dir, --overwrite_output_dir true "
                           "deletes it: pass one of the two")

@@ -50,6 +50,7 @@ V1_INSTRUCTION = ("Output the thinking process in <think> </think> and final ans
                   "i.e., <think> reasoning process here </think><answer> answer here </answer>. ")
 PROMPT_TEMPLATES = ("care", "v1")
 LETTERS = "ABCD"
+OPTION_LETTERS = "ABCDE"  # up to five options: LongVideoBench's
 # the general video benchmarks, as the reference's Video-R1-format files DATA_ROOT/Evaluation/eval_<stem>.json
 BENCHMARKS = {"vsibench": "VSI-Bench", "videommmu": "VideoMMMU", "mmvu": "MMVU", "mvbench": "MVBench",
               "tempcompass": "TempCompass", "videomme": "VideoMME"}  # file stem -> name, the paper's order
@@ -136,7 +137,7 @@ def question_prompt(problem: str, problem_type: str, options: list[str]) -> str:
 
 def prompt_text(question: str, options: list[str], template: str = "care") -> str:
     """The SEED-Bench-R1 prompt: option texts lettered A-D; template "v1": SEED-Bench-R1's own study's."""
-    lettered = [f"{'ABCDE'[i]}. {o}" for i, o in enumerate(options)]
+    lettered = [f"{OPTION_LETTERS[i]}. {o}" for i, o in enumerate(options)]
     if template == "v1":
         return f"{question}\n" + "\n".join(lettered) + f"\n {V1_INSTRUCTION}"
     return question_prompt(question, "multiple choice", lettered)

@@ -49,13 +49,11 @@ def rank0_print(*args):
 MODEL_CLASSES = {"qwen2_5_vl": Qwen2_5_VLForConditionalGeneration, "qwen2_vl": Qwen2VLForConditionalGeneration}
 
 
-def model_class(path):
-    """The class of the checkpoint at `path`, from its config; ValueError naming any other model type. Reads only
-    config.json: call it before any weights load."""
-    model_type = AutoConfig.from_pretrained(path).model_type
-    if model_type not in MODEL_CLASSES:
-        raise ValueError(f"{path}: model_type {model_type!r} is not supported (one of {', '.join(MODEL_CLASSES)})")
-    return MODEL_CLASSES[model_type]
+def model_class(config):
+    """The model class for `config` (a checkpoint's AutoConfig); ValueError naming any other model type."""
+    if config.model_type not in MODEL_CLASSES:
+        raise ValueError(f"model_type {config.model_type!r} is not supported (one of {', '.join(MODEL_CLASSES)})")
+    return MODEL_CLASSES[config.model_type]
 
 
 def load_model(path, cfg, device, trainable: bool):
@@ -65,11 +63,11 @@ def load_model(path, cfg, device, trainable: bool):
     Rank 0 alone reads the checkpoint; the other ranks build the model on the meta device and
     receive their shards from rank 0, so host memory holds one fp32 copy (30 GB for 7B), not one
     per process (8 x 2 models x 30 GB on an 8-GPU node)."""
-    rank0, cls = dist.get_rank() == 0, model_class(path)
+    config = AutoConfig.from_pretrained(path)
+    rank0, cls = dist.get_rank() == 0, model_class(config)
     source = cls.from_pretrained(path, dtype=torch.float32, attn_implementation=cfg.attn_implementation) if rank0 else None
     with torch.device("meta"):
-        model = cls._from_config(
-            AutoConfig.from_pretrained(path), dtype=torch.float32, attn_implementation=cfg.attn_implementation)
+        model = cls._from_config(config, dtype=torch.float32, attn_implementation=cfg.attn_implementation)
     if (Path(path) / "generation_config.json").exists():
         model.generation_config = GenerationConfig.from_pretrained(path)
     model.eval()  # as from_pretrained leaves it

@@ -402,8 +402,8 @@ def main(argv: list[str] | None = None):
                                      vision_calls=sum(ro.vision_calls for ro in rollouts), skipped=skipped,
                                      t_generation=t_gen, t_reference=t_ref, t_update=t_upd), device)
         sums |= all_reduce_named(dict(completion_len_max=lengths.max() if rollouts else 0), device, dist.ReduceOp.MAX)
-        metrics = logs.step_metrics(sums, world, step + 1, update["grad_norm"], scheduler.get_last_lr()[0], skips.skipped,
-                               updates.skipped)
+        metrics = logs.step_metrics(sums, world, step + 1, update["grad_norm"], scheduler.get_last_lr()[0],
+                                    skips.skipped, updates.skipped)
         records = logs.completion_records(step + 1, examples, rollouts, dict(
             accuracy=acc, format=fmt, confidence=conf, bonus=bonus, reward=rewards, advantage=advantages)) \
             if cfg.log_completions else None

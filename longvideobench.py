@@ -20,12 +20,11 @@ import os
 import re
 from pathlib import Path
 
-from data import Collator, DataError, inside_root, prompt_text, read_located_rows
+from data import OPTION_LETTERS, Collator, DataError, inside_root, prompt_text, read_located_rows
 from media import load_media
 from rewards import first_letter_pick
 
 NAME = "longvideobench"
-OPTION_LETTERS = "ABCDE"
 # infer.py's frames: qwen-vl-utils at 2 fps, 4-16 frames (evaluate.max_frames), each resized to 256x256 -> 252x252
 VISION = dict(video_max_pixels=252 * 252, video_min_pixels=252 * 252)
 _CLOCK = re.compile(r"(\d+):(\d{1,2}):(\d{1,2}(?:\.\d*)?)")

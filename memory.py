@@ -25,7 +25,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
-from distributed import MODEL_CLASSES, rank0_print, shard_model
+from distributed import model_class, rank0_print, shard_model
 
 GIB = 2 ** 30
 HEADROOM = 0.10  # of the GPU's memory left for the CUDA context, NCCL and fragmentation
@@ -151,7 +151,7 @@ def plan_inputs(config, mesh, cfg, gpu_memory_gb=None, prompt_tokens=None, visio
     """plan()'s arguments for run config `cfg` (grpo_care.Config; bf16, checkpointing, attention resolved) and a
     model of `config`: built on the meta device, sharded over `mesh` as training shards it (no communication)."""
     with torch.device("meta"):
-        model = MODEL_CLASSES[config.model_type]._from_config(config, dtype=torch.float32)
+        model = model_class(config)._from_config(config, dtype=torch.float32)
     shard_model(model, mesh, cfg.bf16, trainable=True)
     bound = prompt_tokens_bound(cfg.video_max_frames, cfg.video_max_pixels, cfg.image_max_pixels)
     prompt_tokens = prompt_tokens or bound
